@@ -10,30 +10,151 @@ from pathlib import Path
 # %% auto #0
 __all__ = ['build_parser', 'main']
 
-# %% ../nbs/09_cli.ipynb #2d335cea
-def _cmd_demo(args):
-    "Load the embedded model in NF4 and generate from it."
-    from multilora.model import load_base_model, generate, EMBEDDED_NAME
-    t0 = time.time()
-    model, tok = load_base_model(args.model, quantization=args.quantization)
-    prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}], tokenize=False, add_generation_prompt=True)
-    print(f"loaded {args.model or EMBEDDED_NAME} ({args.quantization}) in {time.time()-t0:.1f}s, "
-          f"{model.get_memory_footprint()/2**20:.0f} MiB on {model.device}")
-    print("generation:", generate(model, tok, [prompt], max_new_tokens=24)[0])
-    print(f"done in {time.time()-t0:.1f}s")
+# %% ../nbs/09_cli.ipynb #4fad8709
+def _print_summary(summary: dict, out_dir, elapsed: float):
+    print(f"\n{'task':16} {'updates':>7} {'first loss':>10} {'last loss':>9}")
+    for n, r in summary.items():
+        f, l = r["first_loss"], r["last_loss"]
+        print(f"{n:16} {r['updates']:7d} {f if f is not None else float('nan'):10.3f} {l if l is not None else float('nan'):9.3f}"
+              + (f"  ({r['skipped']} skipped)" if r["skipped"] else ""))
+    out = Path(out_dir)
+    print(f"\nadapters (PEFT layout): {out/'adapters'}\ncheckpoints:            {out/'checkpoints'}\n"
+          f"metrics log:            {out/'metrics.jsonl'}\nloss plot:              {out/'loss.png'}\ntook {elapsed:.0f}s")
 
-# %% ../nbs/09_cli.ipynb #5ddc6a7e
+# %% ../nbs/09_cli.ipynb #e5773aa7
+def _save_plot(trainer, out_dir):
+    import matplotlib; matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from multilora.train import plot_losses
+    ax = plot_losses(trainer.history); ax.figure.tight_layout(); ax.figure.savefig(Path(out_dir)/"loss.png", dpi=100); plt.close(ax.figure)
+
+# %% ../nbs/09_cli.ipynb #dba36097
+def _cmd_train(args):
+    "Train the adapters a TOML or YAML config describes."
+    from multilora.train import load_config, run_from_config
+    t0 = time.time()
+    overrides = {k: v for k, v in {"output_dir": args.output_dir, "max_steps": args.max_steps}.items() if v is not None}
+    trainer, summary = run_from_config(load_config(args.config), resume=args.resume, overrides=overrides)
+    if trainer.acc.is_main_process:
+        _save_plot(trainer, trainer.cfg.output_dir)
+        _print_summary(summary, trainer.cfg.output_dir, time.time() - t0)
+
+# %% ../nbs/09_cli.ipynb #3ddae7ec
+def _cmd_demo(args):
+    "Train both built-in adapters briefly on the embedded model and show the losses fall."
+    import shutil
+    from multilora.train import demo_config, run_from_config
+    t0 = time.time()
+    cfg = demo_config(args.steps, args.output_dir)
+    out = Path(cfg["train"]["output_dir"])
+    if out.exists() and any(out.iterdir()):
+        if not (out/"config.json").exists() or json.loads((out/"config.json").read_text()).get("tasks") != cfg["tasks"]:
+            raise ValueError(f"{out} exists and does not hold an earlier demo run; pass another --output-dir")
+        shutil.rmtree(out)  # an earlier demo run: start afresh
+    print(f"multilora demo: training the summarization and sql_generation adapters for {cfg['train']['max_steps']} steps "
+          f"on the embedded SmolLM2-135M-Instruct (NF4), temperature T={cfg['train']['temperature']}")
+    trainer, summary = run_from_config(cfg)
+    _save_plot(trainer, out)
+    _print_summary(summary, out, time.time() - t0)
+    falling = all(r["last_loss"] < r["first_loss"] for r in summary.values())
+    print("training loss fell for every task" if falling else "WARNING: training loss did not fall for every task")
+    return 0 if falling else 1
+
+# %% ../nbs/09_cli.ipynb #d660ae04
+def _cmd_eval(args):
+    "Score each adapter on its task's test split, against the other adapters and the base model."
+    from multilora.evaluate import evaluate_adapters, format_results
+    from multilora.train import demo_adapters
+    adapters = args.adapters or demo_adapters(progress=True)
+    res = evaluate_adapters(adapters, base_model=args.base, limit=args.limit, batch_size=args.batch_size, out_json=args.json, progress=True)
+    print(format_results(res))
+    if args.json: print(f"results written to {args.json}")
+
+# %% ../nbs/09_cli.ipynb #a4ef106d
+def _cmd_merge(args):
+    "Merge one adapter into a 16-bit copy of the base, save it, and verify it against the unmerged adapter."
+    from multilora.merge import merge_adapter, verify_merge, format_report
+    from multilora.model import resolve_model
+    out = merge_adapter(resolve_model(args.base), args.adapters, args.name, args.out, dtype=args.dtype, overwrite=args.overwrite)
+    print(f"merged {args.name!r} into {out}")
+    report = verify_merge(out, args.adapters, args.name, base=resolve_model(args.base), nf4=not args.no_nf4_check)
+    print(format_report(report))
+    return 0 if report["passed"] else 1
+
+# %% ../nbs/09_cli.ipynb #47029736
+def _cmd_serve(args):
+    "Serve every adapter in a folder over HTTP, an adapter per request."
+    from multilora.server import serve
+    serve(args.adapters, engine=args.engine, host=args.host, port=args.port, max_batch_size=args.max_batch_size,
+          batch_window_ms=args.batch_window_ms, max_queue=args.max_queue, api_key=args.api_key, base_model=args.base,
+          adapter_root=args.adapter_root)
+
+# %% ../nbs/09_cli.ipynb #19f61e32
+def _cmd_bench(args):
+    "Benchmarks: `serve` compares the locked and batched engines over HTTP on loopback."
+    from multilora.server import bench_serve
+    bench_serve(args.adapters, engines=tuple(args.engines.split(",")), concurrency=tuple(int(c) for c in args.concurrency.split(",")),
+                max_new_tokens=args.max_new_tokens, max_batch_size=args.max_batch_size, base_model=args.base, output=args.json)
+
+# %% ../nbs/09_cli.ipynb #3b04f7d9
+def _add_serving_args(p):
+    p.add_argument("--base", default=None, help="base model folder or hub id (default: the embedded model)")
+    p.add_argument("--max-batch-size", type=int, default=16)
+
+# %% ../nbs/09_cli.ipynb #402a347d
 def build_parser() -> argparse.ArgumentParser:
     "The `multilora` argument parser, one subcommand per chapter."
     p = argparse.ArgumentParser(prog="multilora", description="Train many LoRA adapters on one 4-bit base model and serve them all from it.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    d = sub.add_parser("demo", help="the README's main job on the embedded model")
-    d.add_argument("--model", default=None, help="model folder or hub id (default: the embedded SmolLM2-135M-Instruct)")
-    d.add_argument("--quantization", default="nf4", choices=["nf4", "fp4", "int8", "none"])
+    d = sub.add_parser("demo", help="the README's main job: train both built-in adapters briefly on the embedded model")
+    d.add_argument("--steps", type=int, default=None, help="training steps (default: 64 on CPU, 600 on GPU)")
+    d.add_argument("--output-dir", default=None, help="where the run goes (default: runs/demo)")
     d.set_defaults(func=_cmd_demo)
+    t = sub.add_parser("train", help="train the adapters a TOML/YAML config describes")
+    t.add_argument("--config", required=True, help="TOML or YAML file: model, quantization, [train], [[tasks]]")
+    t.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in the output dir")
+    t.add_argument("--output-dir", default=None, help="override [train] output_dir")
+    t.add_argument("--max-steps", type=int, default=None, help="override [train] max_steps")
+    t.set_defaults(func=_cmd_train)
+    e = sub.add_parser("eval", help="score adapters on their tasks' test splits vs other adapters and the base")
+    e.add_argument("--adapters", default=None, help="adapters folder (default: the cached demo run's)")
+    e.add_argument("--base", default=None, help="base model folder or hub id (default: the embedded model)")
+    e.add_argument("--limit", type=int, default=None, help="evaluate only the first N test examples of each task")
+    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--json", default=None, help="also write the results to this JSON file")
+    e.set_defaults(func=_cmd_eval)
+    m = sub.add_parser("merge", help="fold one adapter into a 16-bit copy of the base, saved as a plain transformers folder")
+    m.add_argument("--adapters", required=True, help="adapters folder (PEFT layout, one sub-folder per adapter)")
+    m.add_argument("--name", required=True, help="the adapter to merge")
+    m.add_argument("--out", required=True, help="output folder (must be empty unless --overwrite)")
+    m.add_argument("--dtype", default="auto", help="auto, bf16, fp16 or fp32 (auto: bf16/fp16 on GPU, fp32 on CPU)")
+    m.add_argument("--base", default=None, help="base model folder or hub id (default: the embedded model)")
+    m.add_argument("--overwrite", action="store_true", help="replace an existing merged model folder")
+    m.add_argument("--no-nf4-check", action="store_true", help="skip re-loading the merged model in NF4 for the greedy-text check")
+    m.set_defaults(func=_cmd_merge)
+    v = sub.add_parser("serve", help="serve every adapter in a folder over HTTP (OpenAI-compatible)")
+    v.add_argument("--adapters", required=True, help="adapters folder (PEFT layout)")
+    v.add_argument("--engine", default="batched", choices=["batched", "locked"])
+    v.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
+    v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--batch-window-ms", type=float, default=5.0, help="how long the batched engine gathers requests")
+    v.add_argument("--max-queue", type=int, default=256, help="queued requests before 503 + Retry-After")
+    v.add_argument("--api-key", default=None, help="require this bearer key on every endpoint (or set MULTILORA_API_KEY)")
+    v.add_argument("--adapter-root", default=None, help="folder that /v1/load_lora_adapter may load from (default: --adapters)")
+    _add_serving_args(v)
+    v.set_defaults(func=_cmd_serve)
+    b = sub.add_parser("bench", help="benchmarks that print a table and write JSON")
+    b.add_argument("suite", choices=["serve"], help="serve: locked vs batched engine over HTTP on loopback")
+    b.add_argument("--adapters", default=None, help="adapters folder (default: marker adapters whose answers have a fixed length)")
+    b.add_argument("--engines", default="locked,batched")
+    b.add_argument("--concurrency", default="1,4,8,16")
+    b.add_argument("--max-new-tokens", type=int, default=16)
+    b.add_argument("--json", default="bench_serve.json", help="where to write the results")
+    _add_serving_args(b)
+    b.set_defaults(func=_cmd_bench)
     return p
 
-# %% ../nbs/09_cli.ipynb #0de2fe6f
+# %% ../nbs/09_cli.ipynb #7be7dc5f
 def main(argv: list[str] | None = None) -> int:
     "Entry point of the `multilora` console script."
     parser = build_parser()
@@ -43,6 +164,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return args.func(args) or 0
-    except (ValueError, FileNotFoundError, ModuleNotFoundError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, ModuleNotFoundError, ConnectionError) as e:
         print(f"multilora {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -11,7 +11,8 @@ from pathlib import Path
 # %% auto #0
 __all__ = ['TrainConfig', 'lr_lambda', 'MultiLoRATrainer', 'save_checkpoint', 'verify_checkpoint', 'latest_checkpoint',
            'load_checkpoint', 'read_metrics', 'plot_losses', 'evaluate_loss', 'train', 'summary', 'load_config',
-           'tasks_from_config', 'run_from_config']
+           'tasks_from_config', 'trainer_from_config', 'run_from_config', 'demo_config', 'publish_demo_run',
+           'demo_adapters']
 
 # %% ../nbs/04_training.ipynb #37b5f768
 import numpy as np
@@ -140,7 +141,7 @@ def _setup_model(self: MultiLoRATrainer, model):
         assert in_opt[n] == sum(p.numel() for p in self.params[n]) > 0, f"adapter {n} is not fully in its optimizer"
 MultiLoRATrainer._setup_model = _setup_model
 
-# %% ../nbs/04_training.ipynb #2d596402
+# %% ../nbs/04_training.ipynb #1b4b6b15
 def _train_step(self: MultiLoRATrainer, task: str, features: list[dict]) -> dict:
     "One update of `task`'s adapter from one task-homogeneous draw, accumulated over micro-batches."
     activate_adapter(self.unwrapped, task)
@@ -160,11 +161,14 @@ def _train_step(self: MultiLoRATrainer, task: str, features: list[dict]) -> dict
         self.acc.backward(loss)
         loss_sum += loss.item()
     grad_norm = None
-    if finite and self.cfg.max_grad_norm:
-        grad_norm = float(self.acc.clip_grad_norm_(self.params[task], self.cfg.max_grad_norm))
-        finite = math.isfinite(grad_norm)
+    if finite:  # the norm is measured even without clipping (max_norm=inf), to catch non-finite gradients
+        grad_norm = float(self.acc.clip_grad_norm_(self.params[task], self.cfg.max_grad_norm or float("inf")))
+        if self.acc.scaler is not None:  # fp16: the loss scaler skips inf/NaN steps itself and lowers its scale
+            opt.step(); finite = not opt.step_was_skipped
+        elif math.isfinite(grad_norm): opt.step()
+        else: finite = False
     if finite:
-        opt.step(); self.schedulers[task].step(); self.updates[task] += 1
+        self.schedulers[task].step(); self.updates[task] += 1
     else:
         self.skipped[task] += 1
         warnings.warn(f"step {self.step + 1}: non-finite loss or gradient for {task!r}; its update is skipped and no weight changes")
@@ -174,7 +178,7 @@ def _train_step(self: MultiLoRATrainer, task: str, features: list[dict]) -> dict
             "lr": self.schedulers[task].get_last_lr()[0], "grad_norm": grad_norm, "skipped": not finite}
 MultiLoRATrainer._train_step = _train_step
 
-# %% ../nbs/04_training.ipynb #a12752d5
+# %% ../nbs/04_training.ipynb #a4cfff04
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -182,12 +186,15 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 def _rng_state() -> dict:
-    s = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    s = {"python": random.getstate(), "numpy": (kind, keys.tolist(), pos, has_gauss, gauss), "torch": torch.get_rng_state()}
     if torch.cuda.is_available(): s["cuda"] = torch.cuda.get_rng_state_all()
-    return s
+    return s  # plain lists, ints and tensors only, so `torch.load(weights_only=True)` accepts it
 
 def _set_rng_state(s: dict):
-    random.setstate(s["python"]); np.random.set_state(s["numpy"]); torch.set_rng_state(s["torch"])
+    kind, keys, pos, has_gauss, gauss = s["numpy"]
+    random.setstate(s["python"]); np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(s["torch"])
     if "cuda" in s and torch.cuda.is_available(): torch.cuda.set_rng_state_all(s["cuda"])
 
 # %% ../nbs/04_training.ipynb #dc03807a
@@ -361,7 +368,7 @@ def summary(self: MultiLoRATrainer) -> dict:
     return out
 MultiLoRATrainer.summary = summary
 
-# %% ../nbs/04_training.ipynb #811ec547
+# %% ../nbs/04_training.ipynb #70616320
 def load_config(path) -> dict:
     "A run config from a TOML or YAML file."
     path = Path(path)
@@ -374,7 +381,7 @@ def load_config(path) -> dict:
         return yaml.safe_load(path.read_text()) or {}
     raise ValueError(f"Config {path} must be .toml, .yaml or .yml")
 
-# %% ../nbs/04_training.ipynb #335c398c
+# %% ../nbs/04_training.ipynb #6aed182a
 def tasks_from_config(specs: list[dict]) -> list[Task]:
     "Tasks from config entries: a `preset` (summarization, sql_generation) and/or explicit fields, with `data` a data spec."
     from multilora.adapters import summarization_task, sql_task, PromptTemplate
@@ -391,17 +398,62 @@ def tasks_from_config(specs: list[dict]) -> list[Task]:
     if not out: raise ValueError("The config has no [[tasks]]")
     return out
 
-# %% ../nbs/04_training.ipynb #bcb1d936
-def run_from_config(config: dict, resume: bool = False, overrides: dict | None = None) -> tuple[MultiLoRATrainer, dict]:
-    "Load the base model, attach one adapter per task, and train as `config` says."
+# %% ../nbs/04_training.ipynb #209ed86b
+def trainer_from_config(config: dict, overrides: dict | None = None) -> MultiLoRATrainer:
+    "Load the base model and attach one adapter per task as `config` says, ready to `train()`."
     config = dict(config)
     unknown = set(config) - {"model", "quantization", "train", "tasks"}
     if unknown: raise ValueError(f"Unknown config section(s) {sorted(unknown)}; valid: model, quantization, train, tasks")
     tasks = tasks_from_config(config.get("tasks", []))
     cfg = TrainConfig.from_dict({**config.get("train", {}), **(overrides or {})})
     base, tok = load_base_model(config.get("model") or None, quantization=config.get("quantization", "nf4"))
+    torch.manual_seed(cfg.seed)  # LoRA A matrices start random: the same seed must give the same starting adapters
     model = attach_adapters(base, tasks, verbose=cfg.progress)
     trainer = MultiLoRATrainer(model, tok, tasks, cfg)
-    Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-    if trainer.acc.is_main_process: (Path(cfg.output_dir)/"config.json").write_text(json.dumps(config, indent=2, default=str))
+    if trainer.acc.is_main_process:
+        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+        (Path(cfg.output_dir)/"config.json").write_text(json.dumps(config, indent=2, default=str))
+    return trainer
+
+def run_from_config(config: dict, resume: bool = False, overrides: dict | None = None) -> tuple[MultiLoRATrainer, dict]:
+    "Build the trainer `config` describes and train; return the trainer and its summary."
+    trainer = trainer_from_config(config, overrides)
     return trainer, trainer.train(resume=resume)
+
+# %% ../nbs/04_training.ipynb #5a578a6e
+def demo_config(steps: int | None = None, output_dir: str | None = None) -> dict:
+    "The demo run's config: both built-in tasks, sized for a few minutes on a CPU or a longer run on a GPU."
+    on_gpu = torch.cuda.is_available()
+    steps = steps or (600 if on_gpu else 64)
+    return {"quantization": "nf4",
+            "train": {"output_dir": output_dir or "runs/demo", "max_steps": steps, "batch_size": 8 if on_gpu else 4,
+                      "learning_rate": 3e-4 if on_gpu else 1e-3, "temperature": 2.0, "max_length": 384,
+                      "checkpoint_every": max(1, steps // 2), "keep_checkpoints": 1, "seed": 0},
+            "tasks": [{"preset": "summarization", "data": "builtin:summarization"},
+                      {"preset": "sql_generation", "data": "builtin:sql_generation"}]}
+
+# %% ../nbs/04_training.ipynb #f7051508
+def _demo_dir(steps: int | None = None) -> Path:
+    "Where the demo run with `steps` is cached: keyed by its config and the base model."
+    from multilora.model import cache_dir, resolve_model
+    key = hashlib.sha256(json.dumps([demo_config(steps), resolve_model(None)], sort_keys=True).encode()).hexdigest()[:12]
+    return cache_dir()/"runs"/f"demo-{key}"
+
+def publish_demo_run(run_dir, steps: int | None = None) -> Path:
+    "Copy a finished run of `demo_config(steps)` into the demo cache (atomically), and return its adapters folder."
+    target = _demo_dir(steps)
+    if not (target/"adapters").exists():
+        _atomic_folder(target, lambda tmp: shutil.copytree(run_dir, tmp, dirs_exist_ok=True))
+    return target/"adapters"
+
+def demo_adapters(steps: int | None = None, force: bool = False, progress: bool = False) -> Path:
+    "The adapters folder of the cached demo run, training it first if needed."
+    target = _demo_dir(steps)
+    if force and target.exists(): shutil.rmtree(target)
+    if not (target/"adapters").exists():
+        def write(tmp):
+            cfg = demo_config(steps)
+            cfg["train"].update(output_dir=str(tmp), progress=progress)
+            run_from_config(cfg)
+        _atomic_folder(target, write)
+    return target/"adapters"
