@@ -28,12 +28,13 @@ def _save_plot(trainer, out_dir):
     from multilora.train import plot_losses
     ax = plot_losses(trainer.history); ax.figure.tight_layout(); ax.figure.savefig(Path(out_dir)/"loss.png", dpi=100); plt.close(ax.figure)
 
-# %% ../nbs/09_cli.ipynb #dba36097
+# %% ../nbs/09_cli.ipynb #537065f8
 def _cmd_train(args):
     "Train the adapters a TOML or YAML config describes."
     from multilora.train import load_config, run_from_config
     t0 = time.time()
-    overrides = {k: v for k, v in {"output_dir": args.output_dir, "max_steps": args.max_steps}.items() if v is not None}
+    overrides = {k: v for k, v in {"output_dir": args.output_dir, "max_steps": args.max_steps,
+                                   "batch_size": args.batch_size}.items() if v is not None}
     trainer, summary = run_from_config(load_config(args.config), resume=args.resume, overrides=overrides)
     if trainer.acc.is_main_process:
         _save_plot(trainer, trainer.cfg.output_dir)
@@ -81,27 +82,50 @@ def _cmd_merge(args):
     print(format_report(report))
     return 0 if report["passed"] else 1
 
-# %% ../nbs/09_cli.ipynb #47029736
+# %% ../nbs/09_cli.ipynb #2d257705
 def _cmd_serve(args):
     "Serve every adapter in a folder over HTTP, an adapter per request."
     from multilora.server import serve
     serve(args.adapters, engine=args.engine, host=args.host, port=args.port, max_batch_size=args.max_batch_size,
           batch_window_ms=args.batch_window_ms, max_queue=args.max_queue, api_key=args.api_key, base_model=args.base,
-          adapter_root=args.adapter_root)
+          adapter_root=args.adapter_root, **({"max_len": args.max_len} if args.engine == "fast" else {}))
 
-# %% ../nbs/09_cli.ipynb #19f61e32
+# %% ../nbs/09_cli.ipynb #c4e16350
 def _cmd_bench(args):
-    "Benchmarks: `serve` compares the locked and batched engines over HTTP on loopback."
-    from multilora.server import bench_serve
-    bench_serve(args.adapters, engines=tuple(args.engines.split(",")), concurrency=tuple(int(c) for c in args.concurrency.split(",")),
-                max_new_tokens=args.max_new_tokens, max_batch_size=args.max_batch_size, base_model=args.base, output=args.json)
+    "Benchmarks (`serve`, `train`) and their inputs (`model`: a random-weights model of a real shape; `adapters`: random adapters)."
+    if args.suite == "serve":
+        from multilora.server import bench_serve
+        engines = tuple(args.engines.split(","))
+        bench_serve(args.adapters, engines=engines, concurrency=tuple(int(c) for c in args.concurrency.split(",")),
+                    max_new_tokens=args.max_new_tokens, max_batch_size=args.max_batch_size, base_model=args.base,
+                    output=args.json or "bench_serve.json", base_only=args.base_only, prompt_tokens=args.prompt_tokens,
+                    requests_per_level=args.requests, max_concurrency={"locked": args.locked_max_concurrency},
+                    engine_kw={"fast": {"max_len": args.max_len}})
+    elif args.suite == "train":
+        from multilora.bench import bench_train
+        bench_train(args.base, steps=args.steps, batch_size=args.batch_size, output=args.json or "bench_train.json")
+    elif args.suite == "model":
+        from multilora.bench import random_model
+        if not args.out: raise ValueError("bench model needs --out")
+        print(random_model(args.shape, args.out, tokenizer=args.tokenizer, overwrite=True))
+    elif args.suite == "adapters":
+        from multilora.bench import random_adapters
+        if not (args.out and args.base): raise ValueError("bench adapters needs --base and --out")
+        print(random_adapters(args.base, args.out))
 
-# %% ../nbs/09_cli.ipynb #3b04f7d9
+# %% ../nbs/09_cli.ipynb #8929fbf8
+def _cmd_export(args):
+    "Export adapters for vLLM: checked folders, `serve.sh` and `request.sh`."
+    from multilora.scaling import export_vllm
+    out = export_vllm(args.adapters, args.out, base_model=args.base, port=args.port, overwrite=args.overwrite)
+    print(f"exported to {out}\n" + (out/"serve.sh").read_text() + (out/"request.sh").read_text())
+
+# %% ../nbs/09_cli.ipynb #e6944be2
 def _add_serving_args(p):
     p.add_argument("--base", default=None, help="base model folder or hub id (default: the embedded model)")
     p.add_argument("--max-batch-size", type=int, default=16)
 
-# %% ../nbs/09_cli.ipynb #402a347d
+# %% ../nbs/09_cli.ipynb #e8f1c8e4
 def build_parser() -> argparse.ArgumentParser:
     "The `multilora` argument parser, one subcommand per chapter."
     p = argparse.ArgumentParser(prog="multilora", description="Train many LoRA adapters on one 4-bit base model and serve them all from it.")
@@ -115,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in the output dir")
     t.add_argument("--output-dir", default=None, help="override [train] output_dir")
     t.add_argument("--max-steps", type=int, default=None, help="override [train] max_steps")
+    t.add_argument("--batch-size", type=int, default=None, help="override [train] batch_size (per process)")
     t.set_defaults(func=_cmd_train)
     e = sub.add_parser("eval", help="score adapters on their tasks' test splits vs other adapters and the base")
     e.add_argument("--adapters", default=None, help="adapters folder (default: the cached demo run's)")
@@ -134,7 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(func=_cmd_merge)
     v = sub.add_parser("serve", help="serve every adapter in a folder over HTTP (OpenAI-compatible)")
     v.add_argument("--adapters", required=True, help="adapters folder (PEFT layout)")
-    v.add_argument("--engine", default="batched", choices=["batched", "locked"])
+    v.add_argument("--engine", default="batched", choices=["batched", "locked", "fast"],
+                   help="batched (default), locked, or fast (continuous batching, CUDA graphs; Llama-family models)")
+    v.add_argument("--max-len", type=int, default=1024, help="fast engine: longest prompt + completion, in tokens")
     v.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     v.add_argument("--port", type=int, default=8000)
     v.add_argument("--batch-window-ms", type=float, default=5.0, help="how long the batched engine gathers requests")
@@ -144,17 +171,36 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serving_args(v)
     v.set_defaults(func=_cmd_serve)
     b = sub.add_parser("bench", help="benchmarks that print a table and write JSON")
-    b.add_argument("suite", choices=["serve"], help="serve: locked vs batched engine over HTTP on loopback")
-    b.add_argument("--adapters", default=None, help="adapters folder (default: marker adapters whose answers have a fixed length)")
+    b.add_argument("suite", choices=["serve", "train", "model", "adapters"],
+                   help="serve: engines over HTTP; train: seed loop vs trainer; model/adapters: random weights of real shapes")
+    b.add_argument("--adapters", default=None, help="serve: adapters folder (default: marker adapters whose answers have a fixed length)")
     b.add_argument("--engines", default="locked,batched")
     b.add_argument("--concurrency", default="1,4,8,16")
     b.add_argument("--max-new-tokens", type=int, default=16)
-    b.add_argument("--json", default="bench_serve.json", help="where to write the results")
+    b.add_argument("--prompt-tokens", type=int, default=None, help="serve: stretch prompts to about this many tokens")
+    b.add_argument("--requests", type=int, default=None, help="serve: requests per concurrency level (default 2x concurrency)")
+    b.add_argument("--base-only", action="store_true", help="serve: also run every engine with the base model alone")
+    b.add_argument("--locked-max-concurrency", type=int, default=16, help="serve: skip higher levels for the (slow) locked engine")
+    b.add_argument("--max-len", type=int, default=1024, help="serve: the fast engine's KV cache length")
+    b.add_argument("--steps", type=int, default=20, help="train: steps per loop")
+    b.add_argument("--batch-size", type=int, default=16, help="train: examples per step")
+    b.add_argument("--shape", default="tiny", help="model: llama-2-7b, llama-3.2-1b, smollm2-135m or tiny")
+    b.add_argument("--out", default=None, help="model/adapters: output folder")
+    b.add_argument("--tokenizer", default=None, help="model: tokenizer folder (default: the embedded model's)")
+    b.add_argument("--json", default=None, help="where to write the results (default: bench_<suite>.json)")
     _add_serving_args(b)
     b.set_defaults(func=_cmd_bench)
+    x = sub.add_parser("export", help="write adapters for another engine (vLLM) with a ready-to-run command")
+    x.add_argument("--format", required=True, choices=["vllm"])
+    x.add_argument("--adapters", required=True, help="adapters folder (PEFT layout)")
+    x.add_argument("--out", required=True, help="output folder (must be empty unless --overwrite)")
+    x.add_argument("--base", default=None, help="base model id or folder for the command (default: the adapters' own)")
+    x.add_argument("--port", type=int, default=8000)
+    x.add_argument("--overwrite", action="store_true")
+    x.set_defaults(func=_cmd_export)
     return p
 
-# %% ../nbs/09_cli.ipynb #7be7dc5f
+# %% ../nbs/09_cli.ipynb #c9e22a89
 def main(argv: list[str] | None = None) -> int:
     "Entry point of the `multilora` console script."
     parser = build_parser()

@@ -135,12 +135,12 @@ def load_tokenizer(model: str | os.PathLike | None = None, **kwargs):
     "The tokenizer of `model`, with a pad token distinct from EOS."
     return ensure_pad_token(AutoTokenizer.from_pretrained(resolve_model(model), **kwargs))
 
-# %% ../nbs/00_model.ipynb #3271177e
+# %% ../nbs/00_model.ipynb #d73bc871
 def load_base_model(model: str | os.PathLike | None = None, # local folder, hub id, or None for the embedded default
                     quantization: str = "nf4",               # one of nf4, fp4, int8, none
                     compute_dtype: str | torch.dtype = "auto", # "auto" picks per device, see `pick_compute_dtype`
                     double_quant: bool = True,               # quantize the quantization scales too
-                    device_map: str | dict | None = "auto",
+                    device_map: str | dict | None = "auto",   # "auto": one GPU per process under a distributed launcher
                     **kwargs):                               # passed to `from_pretrained`
     "Load a frozen base model (quantized with bitsandbytes) and its tokenizer."
     quantization = str(quantization).lower()
@@ -148,6 +148,8 @@ def load_base_model(model: str | os.PathLike | None = None, # local folder, hub 
         raise ValueError(f"Unknown quantization {quantization!r}; valid options are {', '.join(QUANTIZATIONS)}")
     on_gpu = torch.cuda.is_available() and device_map not in ("cpu", {"": "cpu"})
     device = "cuda" if on_gpu else "cpu"
+    if on_gpu and device_map == "auto" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        device_map = {"": int(os.environ.get("LOCAL_RANK", "0"))}   # DDP: a whole copy per process, never split over GPUs
     if compute_dtype == "auto": compute_dtype = pick_compute_dtype(device)
     elif isinstance(compute_dtype, str):
         dtypes = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,

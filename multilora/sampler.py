@@ -61,7 +61,7 @@ def task_probabilities(sizes: dict[str, int], # task name -> number of training 
     rest = max(0.0, 1 - total)
     return {t: float(weights[t]) if t in weights else probs[t] * rest / free for t in sizes}
 
-# %% ../nbs/03_sampler.ipynb #9db317a0
+# %% ../nbs/03_sampler.ipynb #1973920b
 class MultiTaskDataset(Dataset):
     "Concatenate named datasets; item `i` is a copy of the underlying dict with its task name under `'task'`."
     def __init__(self, datasets: dict[str, Sequence]): # task name -> any indexable with `len()` (HF `Dataset`, list of dicts, ...)
@@ -93,6 +93,13 @@ class MultiTaskDataset(Dataset):
 
     def __repr__(self): return f"{type(self).__name__}({self.sizes})"
 
+    def lengths(self, key: str = "input_ids") -> dict[str, list[int]]:
+        "Each task's example lengths (`len(item[key])`), for length-grouped batches."
+        def col(d):
+            if hasattr(d, "column_names") and key in d.column_names: return [len(x) for x in d[key]]
+            return [len(d[j][key]) for j in range(len(d))]
+        return {t: col(d) for t, d in self.datasets.items()}
+
 # %% ../nbs/03_sampler.ipynb #aa089857
 class TaskCollate:
     "Collate task-tagged items with `collate_fn`, after checking they share one task; the batch gets `batch['task']`."
@@ -118,7 +125,7 @@ def _rng_from_json(d):
                                    state=dict(state=int(d["state"], 16), inc=int(d["inc"], 16)))
     return rng
 
-# %% ../nbs/03_sampler.ipynb #c1050afd
+# %% ../nbs/03_sampler.ipynb #7449eb56
 class TemperatureBatchSampler(Sampler[list[int]]):
     "Task-homogeneous batches of global indices; each batch's task is drawn with probability ∝ `min(N_i, cap)**(1/temperature)`."
     def __init__(self,
@@ -131,7 +138,9 @@ class TemperatureBatchSampler(Sampler[list[int]]):
                  until_exhausted: str | None = None, # or: end the epoch when this task completes one full pass
                  seed: int = 0, # with the epoch, determines every batch
                  num_replicas: int = 1, # DDP world size
-                 rank: int = 0): # this process's rank
+                 rank: int = 0, # this process's rank
+                 lengths: dict[str, Sequence[int]] | None = None, # task -> example lengths: group batches by length
+                 group_size: int = 50): # with `lengths`: batches sorted together in one group
         if isinstance(sizes, MultiTaskDataset): sizes = sizes.sizes
         self.sizes = _check_sizes(sizes)
         self.tasks = list(self.sizes)
@@ -162,12 +171,31 @@ class TemperatureBatchSampler(Sampler[list[int]]):
         self._target = None if until_exhausted is None else self.tasks.index(until_exhausted)
         p = np.array(list(self.probabilities.values()))
         self._cum, self._last = np.cumsum(p) / p.sum(), int(np.flatnonzero(p)[-1])
+        self.group_size = _check_int("group_size", group_size, 1)
+        self.lengths = None
+        if lengths is not None:
+            if isinstance(lengths, MultiTaskDataset): lengths = lengths.lengths()
+            bad = {t for t in self.tasks if t not in lengths or len(lengths[t]) != self.sizes[t]}
+            if bad: raise ValueError(f"lengths must give one length per example of every task; wrong for {sorted(bad)}")
+            self.lengths = [np.asarray(lengths[t]) for t in self.tasks]
         self.epoch, self._resume, self._lens = 0, False, {}
         self._pos = self._fresh(0)
 
     # -- the two random streams --
     def _task_rng(self, epoch): return np.random.default_rng([self.seed, epoch, 0])
-    def _perm(self, k, epoch, npass): return np.random.default_rng([self.seed, epoch, 1, k, npass]).permutation(self._n[k])
+    def _perm(self, k, epoch, npass):
+        rng = np.random.default_rng([self.seed, epoch, 1, k, npass])
+        perm = rng.permutation(self._n[k])
+        if self.lengths is None: return perm
+        # length grouping: sort each run of `group_size` global batches by length, then shuffle the batches within it
+        G, chunk, out = self.global_batch, self.global_batch * self.group_size, []
+        for c in range(0, len(perm), chunk):
+            part = perm[c:c + chunk]
+            part = part[np.argsort(-self.lengths[k][part], kind="stable")]
+            batches = [part[i:i + G] for i in range(0, len(part), G)]
+            full, rest = [b for b in batches if len(b) == G], [b for b in batches if len(b) < G]
+            out += [full[i] for i in rng.permutation(len(full))] + rest
+        return np.concatenate(out)
     def _pick(self, u): return np.minimum(np.searchsorted(self._cum, u, side="right"), self._last)  # task index for uniforms u
 
     # -- position in an epoch: what the state captures --
@@ -235,7 +263,8 @@ class TemperatureBatchSampler(Sampler[list[int]]):
     def _config(self):
         return dict(tasks=self.tasks, sizes=self._n, global_batch=self.global_batch, seed=self.seed,
                     probabilities=[round(p, 12) for p in self.probabilities.values()],
-                    num_batches=self.num_batches, until_exhausted=self.until_exhausted)
+                    num_batches=self.num_batches, until_exhausted=self.until_exhausted,
+                    group_by_length=None if self.lengths is None else self.group_size)
 
     def _to_state(self, pos):
         return dict(version=1, epoch=pos["epoch"], step=pos["step"], rng=_rng_to_json(pos["rng"]),

@@ -18,7 +18,7 @@ __all__ = ['BASE', 'log', 'LATENCY_BUCKETS', 'BATCH_BUCKETS', 'MAX_STOP', 'ENGIN
            'generate_rows', 'Histogram', 'Metrics', 'resolve_adapter_path', 'Engine', 'LockedEngine', 'BatchedEngine',
            'GenerateBody', 'CompletionBody', 'ChatMessage', 'ChatBody', 'LoadLoraBody', 'UnloadLoraBody',
            'GuardMiddleware', 'create_app', 'free_port', 'BackgroundServer', 'make_engine', 'serve', 'bench_serve',
-           'format_bench']
+           'bench_prompts', 'format_bench']
 
 # %% ../nbs/07_server.ipynb #39634db4
 import torch
@@ -80,7 +80,7 @@ class UnknownAdapter(ServerError): status = 404
 class QueueFull(ServerError): status = 503
 class BadRequest(ServerError): status = 400
 
-# %% ../nbs/07_server.ipynb #d4f396ea
+# %% ../nbs/07_server.ipynb #4b714044
 @dataclass
 class GenRequest:
     "One generation request, as the engines see it."
@@ -91,6 +91,7 @@ class GenRequest:
     top_p: float = 1.0
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
+    ignore_eos: bool = False            # run to max_new_tokens even past EOS (vLLM's flag; benchmarks use it)
     on_text: Callable[[str], None] | None = None  # streaming: called (from the model thread) with each new piece of text
     cancelled: threading.Event = field(default_factory=threading.Event)
     created: float = field(default_factory=time.perf_counter)
@@ -99,9 +100,9 @@ class GenRequest:
     @property
     def sampling_key(self) -> tuple:
         "Requests with equal keys can share one `generate` call."
-        if self.temperature == 0: return ("greedy",)
+        if self.temperature == 0: return ("greedy", self.ignore_eos)
         if self.seed is not None: return ("seeded", self.id)   # a seeded request runs alone, so its seed alone decides
-        return ("sample", self.temperature, self.top_p)
+        return ("sample", self.temperature, self.top_p, self.ignore_eos)
 
 @dataclass
 class GenResult:
@@ -113,7 +114,7 @@ class GenResult:
     finish_reason: str                  # "stop" (EOS or a stop string), "length", or "cancelled"
     latency_s: float = 0.0
 
-# %% ../nbs/07_server.ipynb #e655d3e1
+# %% ../nbs/07_server.ipynb #40608667
 class RowTracker(StoppingCriteria):
     "Per-row stopping for one batched `generate`: own `max_new_tokens`, stop strings, cancellation, and streamed text."
     def __init__(self, reqs: list[GenRequest], tokenizer, prompt_len: int):
@@ -142,22 +143,25 @@ class RowTracker(StoppingCriteria):
         if len(t) > self.sent[i]:
             r.on_text(t[self.sent[i]:]); self.sent[i] = len(t)
 
+    def push(self, i: int, tok: int) -> bool:
+        "Add row `i`'s next token `tok`; whether the row is now done."
+        r = self.reqs[i]
+        if self.done[i]: return True
+        if tok in self.eos and not r.ignore_eos: self.done[i], self.finish[i] = True, "stop"
+        else:
+            self.ids[i].append(tok)
+            if r.cancelled.is_set(): self.done[i], self.finish[i] = True, "cancelled"
+            elif r.stop and any(s in self.tok.decode(self.ids[i], skip_special_tokens=True) for s in r.stop):
+                self.done[i], self.finish[i] = True, "stop"
+            elif len(self.ids[i]) >= r.max_new_tokens: self.done[i] = True
+        self._emit(i, self.done[i])
+        return self.done[i]
+
     def __call__(self, input_ids: torch.LongTensor, scores=None, **kwargs) -> torch.BoolTensor:
-        new = input_ids[:, -1].tolist()
-        for i, r in enumerate(self.reqs):
-            if self.done[i]: continue
-            tok = new[i]
-            if tok in self.eos: self.done[i], self.finish[i] = True, "stop"
-            else:
-                self.ids[i].append(tok)
-                if r.cancelled.is_set(): self.done[i], self.finish[i] = True, "cancelled"
-                elif r.stop and any(s in self.tok.decode(self.ids[i], skip_special_tokens=True) for s in r.stop):
-                    self.done[i], self.finish[i] = True, "stop"
-                elif len(self.ids[i]) >= r.max_new_tokens: self.done[i] = True
-            self._emit(i, self.done[i])
+        for i, tok in enumerate(input_ids[:, -1].tolist()): self.push(i, tok)
         return torch.tensor(self.done, dtype=torch.bool, device=input_ids.device)
 
-# %% ../nbs/07_server.ipynb #a0f9ddd9
+# %% ../nbs/07_server.ipynb #6e48ea16
 def generate_rows(model, tokenizer, reqs: list[GenRequest]) -> list[GenResult]:
     "Run `reqs` (which share a `sampling_key`) as one left-padded `generate` call with an adapter per row."
     keys = {r.sampling_key for r in reqs}
@@ -168,6 +172,7 @@ def generate_rows(model, tokenizer, reqs: list[GenRequest]) -> list[GenResult]:
         kw.update(do_sample=True, temperature=r0.temperature, top_p=r0.top_p, top_k=0)
         if r0.seed is not None: torch.manual_seed(r0.seed)
     else: kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    if r0.ignore_eos: kw.update(eos_token_id=None)   # rows stop at max_new_tokens (or a stop string) only
     prompt_lens = [len(tokenizer(r.prompt)["input_ids"]) for r in reqs]
     width = max(prompt_lens)
     tracker = RowTracker(reqs, tokenizer, width)
@@ -425,13 +430,14 @@ class BatchedEngine(Engine):
         await super().stop()
         if self.task: self.task.cancel()
 
-# %% ../nbs/07_server.ipynb #e86b6374
+# %% ../nbs/07_server.ipynb #b7eb5366
 MAX_STOP = 4
 class _Sampling(BaseModel):
     temperature: float = Field(0.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    ignore_eos: bool = False
 
     @field_validator("stop")
     @classmethod
@@ -522,7 +528,7 @@ async def _unless_disconnected(request: Request, coro, poll_s: float = 0.2):
     finally:
         if not task.done(): task.cancel()
 
-# %% ../nbs/07_server.ipynb #3a2ba540
+# %% ../nbs/07_server.ipynb #95901ebc
 def create_app(engine: Engine, api_key: str | None = None, adapter_root: str | os.PathLike | None = None,
                max_body_bytes: int = 1 << 20, max_prompt_chars: int = 32_000, max_prompt_tokens: int = 4096,
                max_new_tokens: int = 1024, templates: dict | None = None) -> FastAPI:
@@ -567,7 +573,7 @@ def create_app(engine: Engine, api_key: str | None = None, adapter_root: str | o
         if len(prompt) > max_prompt_chars: raise BadRequest(f"prompt is over {max_prompt_chars} characters")
         if len(engine.tokenizer(prompt)["input_ids"]) > max_prompt_tokens: raise BadRequest(f"prompt is over {max_prompt_tokens} tokens")
         if n_new > max_new_tokens: raise BadRequest(f"max tokens must be at most {max_new_tokens}")
-        req = GenRequest(prompt, adapter, n_new, body.temperature, body.top_p, list(body.stop or []), body.seed)
+        req = GenRequest(prompt, adapter, n_new, body.temperature, body.top_p, list(body.stop or []), body.seed, body.ignore_eos)
         engine.check(req)
         return req
 
@@ -697,37 +703,39 @@ class BackgroundServer:
         self.server.should_exit = True   # uvicorn's graceful path: stop accepting, finish in-flight, run lifespan shutdown
         self.thread.join(60)
 
-# %% ../nbs/07_server.ipynb #5a0836b1
+# %% ../nbs/07_server.ipynb #812a1e78
 ENGINES = {"locked": LockedEngine, "batched": BatchedEngine}
 
 def make_engine(model, tokenizer, engine: str = "batched", max_batch_size: int = 16, batch_window_ms: float = 5.0,
-                max_queue: int = 256, base_name: str = EMBEDDED_NAME) -> Engine:
-    "An engine by name: `batched` (default) or `locked`."
+                max_queue: int = 256, base_name: str = EMBEDDED_NAME, **engine_kw) -> Engine:
+    "An engine by name: `batched` (default), `locked`, or `fast` (see the fast engine chapter; `engine_kw` go to it)."
+    if engine == "fast" and "fast" not in ENGINES: import multilora.fast   # registers FastEngine
     if engine not in ENGINES: raise ValueError(f"Unknown engine {engine!r}; choose from {', '.join(ENGINES)}")
     if max_batch_size < 1: raise ValueError("max_batch_size must be at least 1")
-    kw = dict(base_name=base_name, max_queue=max_queue)
+    kw = dict(base_name=base_name, max_queue=max_queue, **engine_kw)
     if engine == "batched": kw.update(max_batch_size=max_batch_size, batch_window_ms=batch_window_ms)
+    if engine == "fast": kw.update(max_batch_size=max_batch_size)
     return ENGINES[engine](model, tokenizer, **kw)
 
-# %% ../nbs/07_server.ipynb #39fbb406
+# %% ../nbs/07_server.ipynb #133befc2
 def serve(adapters: str | os.PathLike, engine: str = "batched", host: str = "127.0.0.1", port: int = 8000,
           max_batch_size: int = 16, batch_window_ms: float = 5.0, max_queue: int = 256, api_key: str | None = None,
           base_model: str | None = None, quantization: str = "nf4", adapter_root: str | os.PathLike | None = None,
-          max_body_bytes: int = 1 << 20, max_new_tokens: int = 1024, log_level: str = "info"):
+          max_body_bytes: int = 1 << 20, max_new_tokens: int = 1024, log_level: str = "info", **engine_kw):
     "Serve every adapter in `adapters` (and the bare base model) over HTTP until SIGINT/SIGTERM, then drain and exit."
     import uvicorn
     api_key = api_key or os.environ.get("MULTILORA_API_KEY") or None
     model, tok, name, templates = load_for_serving(adapters, base_model, quantization)
-    eng = make_engine(model, tok, engine, max_batch_size, batch_window_ms, max_queue, name)
+    eng = make_engine(model, tok, engine, max_batch_size, batch_window_ms, max_queue, name, **engine_kw)
     app = create_app(eng, api_key=api_key, adapter_root=adapter_root or adapters, max_body_bytes=max_body_bytes,
                      max_new_tokens=max_new_tokens, templates=templates)
     if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
         warnings.warn(f"Serving on {host} without an API key: anyone who can reach it can use it and load adapters")
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=60)
 
-# %% ../nbs/07_server.ipynb #42ce7fac
+# %% ../nbs/07_server.ipynb #ef8fd5d5
 async def _bench_level(url: str, models: list[str], concurrency: int, n_requests: int, max_new_tokens: int,
-                       prompts: list[str], api_key: str | None = None) -> dict:
+                       prompts: list[str], api_key: str | None = None, ignore_eos: bool = False) -> dict:
     "`concurrency` clients send `n_requests` completions in all; throughput and latency."
     import httpx
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -738,7 +746,7 @@ async def _bench_level(url: str, models: list[str], concurrency: int, n_requests
             nonlocal toks, errors
             for i in counter:
                 body = {"model": models[i % len(models)], "prompt": prompts[i % len(prompts)], "max_tokens": max_new_tokens,
-                        "temperature": 0}
+                        "temperature": 0, "ignore_eos": ignore_eos}
                 t0 = time.perf_counter()
                 r = await client.post("/v1/completions", json=body)
                 if r.status_code != 200: errors += 1; continue
@@ -754,8 +762,12 @@ async def _bench_level(url: str, models: list[str], concurrency: int, n_requests
 def bench_serve(adapters: str | os.PathLike | None = None, engines: tuple[str, ...] = ("locked", "batched"),
                 concurrency: tuple[int, ...] = (1, 4, 8, 16), max_new_tokens: int = 16, requests_per_level: int | None = None,
                 max_batch_size: int = 16, base_model: str | None = None, quantization: str = "nf4",
-                output: str | os.PathLike | None = "bench_serve.json", include_base: bool = True, verbose: bool = True) -> dict:
+                output: str | os.PathLike | None = "bench_serve.json", include_base: bool = True, verbose: bool = True,
+                base_only: bool = False, ignore_eos: bool = True, prompt_tokens: int | None = None,
+                max_concurrency: dict[str, int] | None = None, engine_kw: dict | None = None) -> dict:
     "Benchmark the engines side by side over HTTP on loopback: requests/s, tokens/s, p50/p95 latency per concurrency."
+    unknown = set(engines) - set(ENGINES) - {"fast"}
+    if unknown: raise ValueError(f"Unknown engine(s) {sorted(unknown)}; choose from {', '.join(sorted(set(ENGINES) | {'fast'}))}")
     tmp = None
     if adapters is None:   # marker adapters never emit EOS, so every request generates exactly max_new_tokens
         tmp = tempfile.mkdtemp(prefix="multilora-bench-")
@@ -764,40 +776,69 @@ def bench_serve(adapters: str | os.PathLike | None = None, engines: tuple[str, .
     try:
         model, tok, name, _ = load_for_serving(adapters, base_model, quantization)
         models = adapter_names(model) + ([name] if include_base else [])
-        prompts = ["Summarize: Anna and Tom meet at the cinema at seven.", "Write SQL: count the users older than 30.",
-                   "What is the capital of France?", "List three colours."]
+        prompts = bench_prompts(tok, prompt_tokens)
         results = {"config": {"max_new_tokens": max_new_tokens, "max_batch_size": max_batch_size, "models": models,
+                              "prompt_tokens": [len(tok(p)["input_ids"]) for p in prompts], "ignore_eos": ignore_eos,
                               "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                              "device": str(model.device)}, "engines": {}}
-        for e in engines:
-            eng = make_engine(model, tok, e, max_batch_size=max_batch_size, base_name=name, max_queue=1024)
+                              "device": str(model.device), "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+                              "engine_kw": engine_kw or {}}, "engines": {}}
+        runs = [r for e in engines for r in [(e, models)] + ([(f"{e}/base", [name])] if base_only and e != "locked" else [])]
+        for label, served in runs:
+            e = label.split("/")[0]
+            eng = make_engine(model, tok, e, max_batch_size=max_batch_size, base_name=name, max_queue=1024,
+                              **(engine_kw or {}).get(e, {}))
             rows = []
-            with BackgroundServer(create_app(eng)) as url:
-                asyncio.run(_bench_level(url, models, 1, 1, 2, prompts))   # warm-up
+            with BackgroundServer(create_app(eng, max_new_tokens=max(1024, max_new_tokens))) as url:
+                asyncio.run(_bench_level(url, served, min(max(concurrency), max_batch_size), min(max(concurrency), max_batch_size),
+                                         2, prompts, ignore_eos=ignore_eos))   # warm-up (and CUDA graph capture)
                 for c in concurrency:
+                    if c > (max_concurrency or {}).get(e, c): continue
                     n = requests_per_level or max(2 * c, 4)
-                    rows.append(asyncio.run(_bench_level(url, models, c, n, max_new_tokens, prompts)))
-                    if verbose: print(f"{e:>8} c={c:<3} {rows[-1]['tokens_per_s']:8.2f} tok/s  p95 {rows[-1]['p95_latency_s']:.2f}s", flush=True)
-            results["engines"][e] = rows
+                    rows.append(asyncio.run(_bench_level(url, served, c, n, max_new_tokens, prompts, ignore_eos=ignore_eos)))
+                    if verbose: print(f"{label:>12} c={c:<3} {rows[-1]['tokens_per_s']:9.2f} tok/s  p95 {rows[-1]['p95_latency_s']:.2f}s", flush=True)
+            results["engines"][label] = rows
+            if hasattr(eng, "fast"): results["config"][f"{label} cuda_graphs"] = eng.fast.cuda_graphs or eng.fast.graph_error
+            if output is not None: Path(output).write_text(json.dumps(results, indent=2))   # partial results survive a kill
+            del eng
+            if torch.cuda.is_available(): torch.cuda.empty_cache()
         if verbose: print(format_bench(results))
         if output is not None: Path(output).write_text(json.dumps(results, indent=2))
         return results
     finally:
         if tmp: shutil.rmtree(tmp, ignore_errors=True)
 
+def bench_prompts(tokenizer, prompt_tokens: int | None = None) -> list[str]:
+    "The benchmark's prompts, each stretched to about `prompt_tokens` tokens when given."
+    prompts = ["Summarize: Anna and Tom meet at the cinema at seven.", "Write SQL: count the users older than 30.",
+               "What is the capital of France?", "List three colours."]
+    if prompt_tokens is None: return prompts
+    filler = tokenizer(" The notes go on with more details about the plan.", add_special_tokens=False)["input_ids"]
+    out = []
+    for p in prompts:
+        ids = tokenizer(p, add_special_tokens=False)["input_ids"]
+        while len(ids) < prompt_tokens: ids = ids + filler
+        out.append(tokenizer.decode(ids[:prompt_tokens]))
+    return out
+
 def format_bench(results: dict) -> str:
-    "The benchmark as a table, with batched/locked speed-ups when both ran."
-    head = f"{'engine':<8} {'conc':>4} {'req/s':>7} {'tok/s':>8} {'p50 s':>7} {'p95 s':>7} {'errors':>6}"
+    "The benchmark as a table, then each engine's speed-up over `locked` and its adapter overhead (vs its base-only run)."
+    head = f"{'engine':<13} {'conc':>4} {'req/s':>7} {'tok/s':>9} {'p50 s':>7} {'p95 s':>7} {'errors':>6}"
     lines = [head, "-" * len(head)]
     for e, rows in results["engines"].items():
-        lines += [f"{e:<8} {r['concurrency']:>4} {r['requests_per_s']:>7.3f} {r['tokens_per_s']:>8.2f} {r['p50_latency_s']:>7.2f} "
+        lines += [f"{e:<13} {r['concurrency']:>4} {r['requests_per_s']:>7.3f} {r['tokens_per_s']:>9.2f} {r['p50_latency_s']:>7.2f} "
                   f"{r['p95_latency_s']:>7.2f} {r['errors']:>6}" for r in rows]
-    eng = results["engines"]
-    if "locked" in eng and "batched" in eng:
-        lk = {r["concurrency"]: r for r in eng["locked"]}
-        for r in eng["batched"]:
-            if r["concurrency"] in lk and lk[r["concurrency"]]["tokens_per_s"]:
-                lines.append(f"concurrency {r['concurrency']:>2}: batched/locked tokens/s = "
-                             f"{r['tokens_per_s'] / lk[r['concurrency']]['tokens_per_s']:.2f}x, p95 {r['p95_latency_s']:.2f}s vs "
-                             f"{lk[r['concurrency']]['p95_latency_s']:.2f}s")
+    eng = {e: {r["concurrency"]: r for r in rows} for e, rows in results["engines"].items()}
+    for e, by_c in eng.items():
+        if e == "locked" or "/" in e or "locked" not in eng: continue
+        for c, r in by_c.items():
+            lk = eng["locked"].get(c)
+            if lk and lk["tokens_per_s"]:
+                lines.append(f"concurrency {c:>2}: {e}/locked tokens/s = {r['tokens_per_s'] / lk['tokens_per_s']:.2f}x, "
+                             f"p95 {r['p95_latency_s']:.2f}s vs {lk['p95_latency_s']:.2f}s")
+    for e, by_c in eng.items():
+        if f"{e}/base" not in eng: continue
+        for c, r in by_c.items():
+            b = eng[f"{e}/base"].get(c)
+            if b and r["tokens_per_s"]:
+                lines.append(f"concurrency {c:>2}: {e} adapter overhead = base-only/adapters tokens/s = {b['tokens_per_s'] / r['tokens_per_s']:.2f}x")
     return "\n".join(lines)

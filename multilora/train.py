@@ -26,7 +26,7 @@ from .adapters import Task, adapter_parameters, activate_adapter, attach_adapter
 from .data import CompletionCollator, tokenize_task, IGNORE_INDEX
 from .sampler import MultiTaskDataset, TemperatureBatchSampler
 
-# %% ../nbs/04_training.ipynb #3350ddb2
+# %% ../nbs/04_training.ipynb #91847dd3
 @dataclass
 class TrainConfig:
     "Hyper-parameters of an interleaved multi-adapter run."
@@ -42,6 +42,7 @@ class TrainConfig:
     temperature: float = 2.0              # sampling temperature T: p_i ∝ N_i^(1/T)
     cap: int | None = None                # T5-style cap K on dataset sizes
     max_length: int = 512
+    group_by_length: bool = False         # batches of similar lengths (less padding); see the sampler chapter
     train_limit: int | None = None        # use only the first N training examples of each task
     seed: int = 0
     checkpoint_every: int = 50
@@ -90,7 +91,7 @@ def _device_settings(config: TrainConfig, device: str) -> tuple[str, bool]:
     if gc == "auto": gc = device != "cpu"
     return mp, bool(gc)
 
-# %% ../nbs/04_training.ipynb #154c9429
+# %% ../nbs/04_training.ipynb #4911ce61
 class MultiLoRATrainer:
     "Train one adapter per task on a shared frozen base, one task-homogeneous step at a time."
     def __init__(self, model, tokenizer, tasks: list[Task], config: TrainConfig, train_data: dict | None = None,
@@ -111,7 +112,8 @@ class MultiLoRATrainer:
         weights = {n: t.sampling_weight for n, t in self.tasks.items() if t.sampling_weight is not None} or None
         self.sampler = TemperatureBatchSampler(self.dataset, batch_size=config.batch_size * config.grad_accum,
                                                temperature=config.temperature, cap=config.cap, weights=weights, seed=config.seed,
-                                               num_replicas=self.acc.num_processes, rank=self.acc.process_index)
+                                               num_replicas=self.acc.num_processes, rank=self.acc.process_index,
+                                               lengths=self.dataset.lengths() if config.group_by_length else None)
         self.collate = CompletionCollator(tokenizer)
         self._setup_model(model)
         self.expected_updates = {n: max(1, math.ceil(config.max_steps * p)) for n, p in self.sampler.probabilities.items()}
@@ -141,25 +143,33 @@ def _setup_model(self: MultiLoRATrainer, model):
         assert in_opt[n] == sum(p.numel() for p in self.params[n]) > 0, f"adapter {n} is not fully in its optimizer"
 MultiLoRATrainer._setup_model = _setup_model
 
-# %% ../nbs/04_training.ipynb #1b4b6b15
+# %% ../nbs/04_training.ipynb #bd07f7cc
 def _train_step(self: MultiLoRATrainer, task: str, features: list[dict]) -> dict:
     "One update of `task`'s adapter from one task-homogeneous draw, accumulated over micro-batches."
     activate_adapter(self.unwrapped, task)
     self.model.train()
     bs, opt = self.cfg.batch_size, self.optimizers[task]
     micro = [self.collate(features[i:i + bs]) for i in range(0, len(features), bs)]
-    n_targets = sum(int((m["labels"] != IGNORE_INDEX).sum()) for m in micro)
+    world = self.acc.num_processes
+    n_local = sum(int((m["labels"] != IGNORE_INDEX).sum()) for m in micro)
+    # token-weighted mean over the whole accumulated draw *on all ranks*, not a mean of per-batch or per-rank means;
+    # DDP averages gradients over ranks, hence the factor `world`
+    n_targets = int(self.acc.reduce(torch.tensor(n_local, device=self.acc.device), "sum")) if world > 1 else n_local
     loss_sum, finite = 0.0, True
     for k, m in enumerate(micro):
         m = {key: v.to(self.acc.device) for key, v in m.items() if key != "task"}
-        sync = self.acc.no_sync(self.model) if k < len(micro) - 1 and self.acc.num_processes > 1 else contextlib.nullcontext()
+        sync = self.acc.no_sync(self.model) if k < len(micro) - 1 and world > 1 else contextlib.nullcontext()
         with sync, self.acc.autocast():
             out = self.model(**m)
-            # token-weighted mean over the whole accumulated draw, not a mean of micro-batch means
-            loss = out.loss * (int((m["labels"] != IGNORE_INDEX).sum()) / n_targets)
-        if not torch.isfinite(loss): finite = False; break
+            loss = out.loss * (int((m["labels"] != IGNORE_INDEX).sum()) * world / n_targets)
+        if not torch.isfinite(loss):
+            finite = False
+            if world == 1: break           # with DDP every rank must still run backward, or the others wait forever
         self.acc.backward(loss)
-        loss_sum += loss.item()
+        loss_sum += loss.item() / world
+    if world > 1:                          # the step's loss over all ranks, and one verdict on skipping it
+        stats = self.acc.reduce(torch.tensor([loss_sum, float(not finite)], device=self.acc.device), "sum")
+        loss_sum, finite = float(stats[0]), bool(stats[1] == 0)
     grad_norm = None
     if finite:  # the norm is measured even without clipping (max_norm=inf), to catch non-finite gradients
         grad_norm = float(self.acc.clip_grad_norm_(self.params[task], self.cfg.max_grad_norm or float("inf")))
@@ -174,6 +184,7 @@ def _train_step(self: MultiLoRATrainer, task: str, features: list[dict]) -> dict
         warnings.warn(f"step {self.step + 1}: non-finite loss or gradient for {task!r}; its update is skipped and no weight changes")
     opt.zero_grad(set_to_none=True)
     tokens = sum(int(m["attention_mask"].sum()) for m in micro)
+    if world > 1: tokens = int(self.acc.reduce(torch.tensor(tokens, device=self.acc.device), "sum"))
     return {"step": self.step + 1, "task": task, "loss": loss_sum if finite else float("nan"), "tokens": tokens,
             "lr": self.schedulers[task].get_last_lr()[0], "grad_norm": grad_norm, "skipped": not finite}
 MultiLoRATrainer._train_step = _train_step
@@ -236,7 +247,7 @@ def latest_checkpoint(output_dir) -> tuple[Path, dict] | None:
         except Exception as e: warnings.warn(f"Skipping corrupt or partial checkpoint {path}: {type(e).__name__}: {e}")
     return None
 
-# %% ../nbs/04_training.ipynb #02caea89
+# %% ../nbs/04_training.ipynb #5c84bb76
 def load_checkpoint(self: MultiLoRATrainer) -> int:
     "Restore the newest valid checkpoint; return its step (0 if there is none)."
     found = latest_checkpoint(self.out)
@@ -244,11 +255,12 @@ def load_checkpoint(self: MultiLoRATrainer) -> int:
     path, state = found
     if state["tasks"] != sorted(self.tasks): raise ValueError(f"Checkpoint {path} holds tasks {state['tasks']}, this run has {sorted(self.tasks)}")
     from safetensors.torch import load_file
+    device = "cpu" if self.acc.device.type == "cpu" else str(self.acc.device)   # torchrun on CPU says `cpu:0`, which loaders refuse
     for n in self.tasks:
-        weights = load_file(path/"adapters"/n/"adapter_model.safetensors", device=str(self.acc.device))
+        weights = load_file(path/"adapters"/n/"adapter_model.safetensors", device=device)
         res = set_peft_model_state_dict(self.unwrapped, weights, adapter_name=n)
         if any(n in k and ".lora_" in k for k in res.missing_keys): raise ValueError(f"Checkpoint {path} lacks weights of adapter {n!r}")
-    ts = torch.load(path/"trainer_state.pt", map_location=self.acc.device, weights_only=True)
+    ts = torch.load(path/"trainer_state.pt", map_location=device, weights_only=True)
     for n, o in self.optimizers.items(): o.load_state_dict(ts["optimizers"][n])
     for n, s in self.schedulers.items(): s.load_state_dict(ts["schedulers"][n])
     _set_rng_state(ts["rng"])

@@ -11,7 +11,7 @@ async def burst(url, bodies, path="/v1/completions", timeout=300):
     async with httpx.AsyncClient(base_url=url, timeout=timeout, limits=httpx.Limits(max_connections=64)) as c:
         return await asyncio.gather(*[c.post(path, json=b) for b in bodies])
 
-@pytest.mark.parametrize("engine", ["batched", "locked"])
+@pytest.mark.parametrize("engine", ["batched", "locked", "fast"])
 def test_no_cross_talk(make_server, loaded, engine):
     url, eng = make_server(engine, max_batch_size=16)
     name = loaded[2]
@@ -109,8 +109,9 @@ def test_no_admin_without_root(loaded):
     with BackgroundServer(create_app(make_engine(model, tok, "locked", base_name=name))) as url:
         assert httpx.post(url + "/v1/load_lora_adapter", json={"lora_name": "g", "lora_path": "extra/gamma"}).status_code == 403
 
-def test_load_unload_during_traffic(make_server):
-    url, eng = make_server("batched", max_batch_size=8)
+@pytest.mark.parametrize("engine", ["batched", "fast"])
+def test_load_unload_during_traffic(make_server, engine):
+    url, eng = make_server(engine, max_batch_size=8)
     stop, bad, seen = threading.Event(), [], []
     def traffic(model):
         while not stop.is_set():
@@ -147,7 +148,7 @@ def test_locked_queue_overflow(make_server):
     codes = [r.status_code for r in rs]
     assert 503 in codes and 200 in codes, codes
 
-@pytest.mark.parametrize("engine", ["batched", "locked"])
+@pytest.mark.parametrize("engine", ["batched", "locked", "fast"])
 def test_client_disconnect_cancels(make_server, engine):
     url, eng = make_server(engine)
     with pytest.raises(httpx.ReadTimeout):
@@ -183,9 +184,10 @@ def test_one_failing_request_does_not_fail_its_batch(make_server):
     assert "secret" not in rs[1].text and "Traceback" not in rs[1].text and rs[1].json()["error"]["message"] == "Internal server error"
     assert rs[2].json()["choices"][0]["text"] == " beta beta beta"
 
-def test_openai_client_and_streaming(make_server, loaded):
+@pytest.mark.parametrize("engine", ["batched", "fast"])
+def test_openai_client_and_streaming(make_server, loaded, engine):
     from openai import OpenAI
-    url, _ = make_server("batched")
+    url, _ = make_server(engine)
     client = OpenAI(base_url=url + "/v1", api_key="x")
     assert [m.id for m in client.models.list()] == [loaded[2], "alpha", "beta"]
     c = client.completions.create(model="alpha", prompt="Hi", max_tokens=3, temperature=0)
@@ -199,8 +201,9 @@ def test_openai_client_and_streaming(make_server, loaded):
     r = httpx.post(url + "/generate", json={"prompt": "Hi", "task_name": "beta", "max_new_tokens": 5, "stop": ["beta beta"]}, timeout=60)
     assert r.json()["text"] == " " and r.json()["finish_reason"] == "stop"
 
-def test_seeded_sampling_is_reproducible(make_server, loaded):
-    url, _ = make_server("batched")
+@pytest.mark.parametrize("engine", ["batched", "fast"])
+def test_seeded_sampling_is_reproducible(make_server, loaded, engine):
+    url, _ = make_server(engine)
     body = {"prompt": "Once upon a time", "task_name": loaded[2], "max_new_tokens": 6, "temperature": 1.0, "seed": 7}
     others = [{**body, "seed": None, "prompt": "Tell me a story"}] * 3
     first = httpx.post(url + "/generate", json=body, timeout=60).json()["text"]

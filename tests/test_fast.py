@@ -1,0 +1,55 @@
+"The fast engine behind a real server: answers equal to each adapter alone, limits, and failures that stay contained."
+import asyncio, time
+import httpx, pytest, torch
+from _server_fixtures import adapter_root, loaded, make_server
+from multilora.server import GenRequest, generate_rows, BASE
+
+def complete(url, model, prompt="Hi", max_tokens=4, **kw):
+    return httpx.post(f"{url}/v1/completions", json={"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, **kw}, timeout=300)
+
+def test_greedy_matches_peft_generate_under_load(make_server, loaded):
+    "Concurrent mixed requests of different lengths: each answer is the one peft's generate gives that adapter alone."
+    model, tok, name, _ = loaded
+    url, eng = make_server("fast", max_batch_size=4)          # fewer slots than requests: requests wait, join and leave
+    prompts = ["The capital of France is", "Once upon a time", "List three colours:", "def add(a, b):"]
+    bodies = [{"model": m, "prompt": p, "max_tokens": n, "temperature": 0}
+              for m, p, n in zip([name, "alpha", name, "beta", name, name], prompts + prompts[:2], [5, 3, 8, 2, 6, 4])]
+    async def go():
+        async with httpx.AsyncClient(base_url=url, timeout=300) as c:
+            return await asyncio.gather(*[c.post("/v1/completions", json=b) for b in bodies])
+    rs = asyncio.run(go())
+    for b, r in zip(bodies, rs):
+        assert r.status_code == 200, r.text
+        adapter = BASE if b["model"] == name else b["model"]
+        alone = generate_rows(model, tok, [GenRequest(b["prompt"], adapter, b["max_tokens"])])[0]
+        assert r.json()["choices"][0]["text"] == alone.text, (b, r.json(), alone)
+    assert eng.fast.active == {} and not eng.fast.waiting
+
+def test_too_long_for_the_cache_is_a_400(make_server):
+    url, _ = make_server("fast", max_len=64)
+    r = complete(url, "alpha", prompt="word " * 40, max_tokens=40)
+    assert r.status_code == 400 and "max_len=64" in r.json()["error"]["message"]
+    assert complete(url, "alpha", max_tokens=2).json()["choices"][0]["text"] == " alpha alpha"
+
+def test_a_failing_step_fails_only_its_requests(make_server):
+    url, eng = make_server("fast", max_batch_size=4)
+    real, calls = eng.fast.decode, []
+    def flaky(*a, **kw):
+        calls.append(1)
+        if len(calls) == 1: raise torch.cuda.OutOfMemoryError("simulated out of memory")
+        return real(*a, **kw)
+    eng.fast.decode = flaky
+    r = complete(url, "alpha", max_tokens=3)
+    assert r.status_code == 500 and "Traceback" not in r.text
+    assert eng.fast.active == {}                                # its slot was freed
+    assert complete(url, "beta", max_tokens=3).json()["choices"][0]["text"] == " beta beta beta"
+
+def test_unsupported_model_is_a_clear_error(loaded):
+    from multilora.fast import FastLoRA
+    model, *_ = loaded
+    cfg = model.get_base_model().config
+    old = cfg.model_type
+    try:
+        cfg.model_type = "gpt2"
+        with pytest.raises(NotImplementedError, match="engine='batched'"): FastLoRA(model)
+    finally: cfg.model_type = old
