@@ -203,7 +203,7 @@ def _decode(self: FastLoRA, B: int, L: int) -> torch.Tensor:
     return self._logits(h, onehot)
 FastLoRA._decode = _decode
 
-# %% ../nbs/07a_fast_engine.ipynb #cdd26881
+# %% ../nbs/07a_fast_engine.ipynb #da5b2445
 def _bucket(sizes: list[int], n: int) -> int: return next(s for s in sizes if s >= n)
 
 @torch.no_grad()
@@ -212,12 +212,9 @@ def decode(self: FastLoRA, tokens: dict[int, int], positions: dict[int, int], ad
     B = _bucket(self.batch_buckets, max(tokens) + 1)
     L = _bucket(self.len_buckets, max(positions.values()) + 1)
     ids, pos = torch.zeros(B, dtype=torch.long), torch.zeros(B, dtype=torch.long)
-    oh = torch.zeros(B, self.onehot_buf.shape[1], dtype=self.dtype)
-    for s, t in tokens.items():
-        ids[s], pos[s] = t, positions[s]
-        if adapters[s] >= 0: oh[s, adapters[s]] = 1
+    for s, t in tokens.items(): ids[s], pos[s] = t, positions[s]
     self.ids_buf[:B].copy_(ids, non_blocking=True); self.pos_buf[:B].copy_(pos, non_blocking=True)
-    self.onehot_buf[:B].copy_(oh, non_blocking=True)
+    self.onehot_buf[:B].copy_(self._onehot([adapters.get(s, -1) for s in range(B)]))
     return self._run_graph(B, L) if self.cuda_graphs else self._decode(B, L)
 FastLoRA.decode = decode
 
@@ -276,7 +273,7 @@ def sample_next(logits: torch.Tensor, req: GenRequest, generator: torch.Generato
     return int(torch.multinomial(probs.cpu() if generator is not None and generator.device.type == "cpu" else probs, 1,
                                  generator=generator))
 
-# %% ../nbs/07a_fast_engine.ipynb #c0022209
+# %% ../nbs/07a_fast_engine.ipynb #310ae04b
 def _init_scheduler(self: FastLoRA, tokenizer):
     self.tokenizer = tokenizer
     self.waiting: deque[GenRequest] = deque()
@@ -290,20 +287,21 @@ def add(self: FastLoRA, req: GenRequest):
     with self.lock: self.waiting.append(req)
 FastLoRA.add = add
 
-def check_request(self: FastLoRA, req: GenRequest) -> int:
-    "Raise `BadRequest` for a request the cache cannot hold; its prompt length otherwise."
-    n = len(self.tokenizer(req.prompt)["input_ids"])
+def check_request(self: FastLoRA, req: GenRequest) -> list[int]:
+    "Raise `BadRequest` for a request the cache cannot hold; its prompt's token ids otherwise."
+    ids = self.tokenizer(req.prompt)["input_ids"]
+    n = len(ids)
     if n + req.max_new_tokens > self.max_len:
         raise BadRequest(f"prompt ({n} tokens) + max tokens ({req.max_new_tokens}) exceeds the engine's max_len={self.max_len}")
     if req.adapter != BASE and req.adapter not in self.names: raise UnknownAdapter(f"Unknown adapter {req.adapter!r}")
-    return n
+    return ids
 FastLoRA.check_request = check_request
 
 @property
 def busy(self: FastLoRA) -> bool: return bool(self.active or self.waiting)
 FastLoRA.busy = busy
 
-# %% ../nbs/07a_fast_engine.ipynb #ea5b90a4
+# %% ../nbs/07a_fast_engine.ipynb #31e7c9e8
 def _next_tokens(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
     "Row i's next token for `seqs[i]`: one argmax and one device-to-host copy for all greedy rows, `sample_next` for the rest."
     greedy = logits.argmax(-1).tolist()
@@ -314,7 +312,7 @@ def _result(seq: Sequence) -> GenResult:
     t._emit(0, True)
     return GenResult(t.text(0), seq.req.adapter, seq.prompt_tokens, len(t.ids[0]), t.finish[0], time.perf_counter() - seq.req.created)
 
-def _admit(self: FastLoRA, done: list) -> list[Sequence]:
+def _admit(self: FastLoRA, done: list):
     "Move waiting requests into free slots, within the prefill budget; prefill them; sample their first token."
     free = sorted(set(range(self.max_batch_size)) - set(self.active))
     new, budget = [], self.max_prefill_tokens
@@ -322,22 +320,19 @@ def _admit(self: FastLoRA, done: list) -> list[Sequence]:
         while self.waiting and free:
             req = self.waiting[0]
             if req.cancelled.is_set(): self.waiting.popleft(); continue
-            try: n = self.check_request(req)
+            try: ids = self.check_request(req)
             except ServerError as e: self.waiting.popleft(); done.append((req, e)); continue
+            n = len(ids)
             if new and n > budget: break                                # the first always fits; the rest wait a step
             self.waiting.popleft(); budget -= n
-            ids = self.tokenizer(req.prompt)["input_ids"]
             gen = None
             if req.temperature > 0 and req.seed is not None: gen = torch.Generator("cpu").manual_seed(req.seed)
             new.append((Sequence(req, free.pop(0), -1 if req.adapter == BASE else self.names.index(req.adapter), n, n,
                                  RowTracker([req], self.tokenizer, n), gen), ids))
-    if not new: return []
+    if not new: return
+    for seq, _ in new: self.active[seq.slot] = seq                     # before prefill: if it raises, these fail with it
     logits = self.prefill([ids for _, ids in new], [s.slot for s, _ in new], [s.adapter for s, _ in new])
-    tokens = _next_tokens(logits, [s for s, _ in new])
-    for b, (seq, _) in enumerate(new):
-        self.active[seq.slot] = seq
-        self._push(seq, tokens[b], done)
-    return [s for s, _ in new]
+    for (seq, _), token in zip(new, _next_tokens(logits, [s for s, _ in new])): self._push(seq, token, done)
 FastLoRA._admit = _admit
 
 def _push(self: FastLoRA, seq: Sequence, token: int, done: list):

@@ -53,3 +53,15 @@ def test_unsupported_model_is_a_clear_error(loaded):
         cfg.model_type = "gpt2"
         with pytest.raises(NotImplementedError, match="engine='batched'"): FastLoRA(model)
     finally: cfg.model_type = old
+
+def test_a_failing_prefill_fails_only_its_requests(make_server):
+    url, eng = make_server("fast", max_batch_size=4)
+    real, calls = eng.fast.prefill, []
+    def flaky(*a, **kw):
+        calls.append(1)
+        if len(calls) == 1: raise RuntimeError("simulated prefill failure")
+        return real(*a, **kw)
+    eng.fast.prefill = flaky
+    r = complete(url, "alpha", max_tokens=3)                     # answered (500), not left waiting forever
+    assert r.status_code == 500 and eng.fast.active == {}
+    assert complete(url, "beta", max_tokens=3).json()["choices"][0]["text"] == " beta beta beta"
