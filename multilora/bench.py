@@ -108,7 +108,7 @@ def seed_train_loop(model, tasks: list[str], data: dict, steps: int, batch_size:
         useful += int(att.sum()); padded += ids.numel()
     return {"steps": steps, "useful_tokens": useful, "padded_tokens": padded, "step_times": times}
 
-# %% ../nbs/10_benchmarks.ipynb #97321539
+# %% ../nbs/10_benchmarks.ipynb #8b66b3ce
 def _length_stats(data: dict) -> dict:
     L = np.array([len(r["input_ids"]) for d in data.values() for r in d])
     return {"mean": round(float(L.mean()), 1), "p50": int(np.median(L)), "p95": int(np.percentile(L, 95)), "max": int(L.max())}
@@ -119,11 +119,11 @@ def _peak_gb() -> float | None:
 def _reset_peak():
     if torch.cuda.is_available(): torch.cuda.synchronize(); torch.cuda.empty_cache(); torch.cuda.reset_peak_memory_stats()
 
-def _trainer_run(model, tok, tasks, data, steps, batch_size, max_length, warmup, group_by_length=True) -> dict:
+def _trainer_run(model, tok, tasks, data, steps, batch_size, max_length, warmup, group_by_length=True, packing=False) -> dict:
     tmp = tempfile.mkdtemp(prefix="multilora-bench-train-")
     try:
         cfg = TrainConfig(output_dir=tmp, max_steps=steps, batch_size=batch_size, max_length=max_length, learning_rate=2e-4,
-                          group_by_length=group_by_length, checkpoint_every=10**9, keep_checkpoints=1, progress=False, seed=0)
+                          group_by_length=group_by_length, packing=packing, checkpoint_every=10**9, keep_checkpoints=1, progress=False, seed=0)
         tr = MultiLoRATrainer(model, tok, tasks, cfg, train_data=data)
         tr.save_checkpoint = lambda: None          # the benchmark times training, not disk writes
         tr.train()
@@ -132,9 +132,9 @@ def _trainer_run(model, tok, tasks, data, steps, batch_size, max_length, warmup,
         return {"steps": len(h), "useful_tokens_timed": sum(r["tokens"] for r in h[warmup:]), "time_s": sum(times[warmup:])}
     finally: shutil.rmtree(tmp, ignore_errors=True)
 
-# %% ../nbs/10_benchmarks.ipynb #ab651fd1
+# %% ../nbs/10_benchmarks.ipynb #bf462e1a
 def bench_train(base_model: str | os.PathLike | None = None, steps: int = 20, batch_size: int = 16, max_length: int = 512,
-                warmup: int = 3, train_limit: int | None = 2000, memory_batch_size: int = 4, seed_tokens_factor: int = 4,
+                warmup: int = 3, train_limit: int | None = 2000, memory_batch_size: int = 4, packed_factors: tuple[float, ...] = (2.75, 3),
                 output: str | os.PathLike | None = "bench_train.json", verbose: bool = True) -> dict:
     "Useful tokens/s and peak memory: the seed's padded loop against multilora's trainer, in one process."
     if steps <= warmup: raise ValueError(f"steps ({steps}) must exceed warmup ({warmup})")
@@ -157,12 +157,12 @@ def bench_train(base_model: str | os.PathLike | None = None, steps: int = 20, ba
     res["runs"]["seed loop (pad to 512)"] = {"useful_tokens_per_s": round(n_tok / sum(s["step_times"][warmup:]), 1),
                                              "padding_share": round(1 - s["useful_tokens"] / s["padded_tokens"], 3),
                                              "peak_memory_gb": _peak_gb(), "batch_size": batch_size}
-    # the last row spends the seed's tokens per step on real tokens: a batch `seed_tokens_factor` times larger
-    runs = [("multilora (dynamic padding)", False, batch_size), ("multilora (+ group_by_length)", True, batch_size)]
-    if seed_tokens_factor > 1: runs.append(("multilora (+ group_by_length, larger batch)", True, batch_size * seed_tokens_factor))
-    for label, grouped, bs in runs:
+    # packed rows spend about the seed's tokens per step on real tokens: `f` times the examples, in rows of max_length
+    runs = [("multilora (dynamic padding)", False, False, batch_size), ("multilora (+ group_by_length)", True, False, batch_size)]
+    runs += [(f"multilora (packed, {f:g}x examples)", False, True, round(batch_size * f)) for f in packed_factors]
+    for label, grouped, packing, bs in runs:
         _reset_peak()
-        r = _trainer_run(model, tok, tasks, data, steps, bs, max_length, warmup, grouped)
+        r = _trainer_run(model, tok, tasks, data, steps, bs, max_length, warmup, grouped, packing)
         res["runs"][label] = {"useful_tokens_per_s": round(r["useful_tokens_timed"] / r["time_s"], 1),
                               "peak_memory_gb": _peak_gb(), "batch_size": bs}
     # worst case for memory: every example exactly max_length tokens

@@ -28,13 +28,13 @@ def _save_plot(trainer, out_dir):
     from multilora.train import plot_losses
     ax = plot_losses(trainer.history); ax.figure.tight_layout(); ax.figure.savefig(Path(out_dir)/"loss.png", dpi=100); plt.close(ax.figure)
 
-# %% ../nbs/09_cli.ipynb #537065f8
+# %% ../nbs/09_cli.ipynb #539a1768
 def _cmd_train(args):
     "Train the adapters a TOML or YAML config describes."
     from multilora.train import load_config, run_from_config
     t0 = time.time()
     overrides = {k: v for k, v in {"output_dir": args.output_dir, "max_steps": args.max_steps,
-                                   "batch_size": args.batch_size}.items() if v is not None}
+                                   "batch_size": args.batch_size, "packing": True if args.packing else None}.items() if v is not None}
     trainer, summary = run_from_config(load_config(args.config), resume=args.resume, overrides=overrides)
     if trainer.acc.is_main_process:
         _save_plot(trainer, trainer.cfg.output_dir)
@@ -125,7 +125,7 @@ def _add_serving_args(p):
     p.add_argument("--base", default=None, help="base model folder or hub id (default: the embedded model)")
     p.add_argument("--max-batch-size", type=int, default=16)
 
-# %% ../nbs/09_cli.ipynb #e8f1c8e4
+# %% ../nbs/09_cli.ipynb #7c66b2ef
 def build_parser() -> argparse.ArgumentParser:
     "The `multilora` argument parser, one subcommand per chapter."
     p = argparse.ArgumentParser(prog="multilora", description="Train many LoRA adapters on one 4-bit base model and serve them all from it.")
@@ -140,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--output-dir", default=None, help="override [train] output_dir")
     t.add_argument("--max-steps", type=int, default=None, help="override [train] max_steps")
     t.add_argument("--batch-size", type=int, default=None, help="override [train] batch_size (per process)")
+    t.add_argument("--packing", action="store_true", help="pack each step's examples into rows of max_length tokens ([train] packing)")
     t.set_defaults(func=_cmd_train)
     e = sub.add_parser("eval", help="score adapters on their tasks' test splits vs other adapters and the base")
     e.add_argument("--adapters", default=None, help="adapters folder (default: the cached demo run's)")

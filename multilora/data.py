@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import Any
 
 # %% auto #0
-__all__ = ['IGNORE_INDEX', 'SAMSUM_ID', 'SQL_CONTEXT_ID', 'tokenize_example', 'load_samsum', 'load_sql_create_context',
-           'load_task_data', 'as_dataset_dict', 'tokenize_task', 'CompletionCollator', 'builtin_tasks', 'padding_share']
+__all__ = ['IGNORE_INDEX', 'SAMSUM_ID', 'SQL_CONTEXT_ID', 'MODEL_INPUTS', 'tokenize_example', 'load_samsum',
+           'load_sql_create_context', 'load_task_data', 'as_dataset_dict', 'tokenize_task', 'CompletionCollator',
+           'PackingCollator', 'model_inputs', 'batch_tokens', 'builtin_tasks', 'padding_share']
 
 # %% ../nbs/02_data.ipynb #6d2c799d
 import numpy as np
@@ -150,14 +151,59 @@ class CompletionCollator:
         if tasks != {None}: batch["task"] = tasks.pop()
         return batch
 
-# %% ../nbs/02_data.ipynb #c755b556
+# %% ../nbs/02_data.ipynb #66512614
+MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "position_ids")
+
+class PackingCollator(CompletionCollator):
+    "Lay a batch's examples end to end in rows of at most `max_length` tokens, positions restarting per example."
+    def __init__(self, tokenizer, max_length: int = 512, pad_to_multiple_of: int | None = 8):
+        super().__init__(tokenizer, pad_to_multiple_of)
+        self.max_length = max_length
+
+    def __call__(self, features: list[dict]) -> dict:
+        if not features: raise ValueError("Cannot collate an empty batch")
+        tasks = {f.get("task") for f in features}
+        if len(tasks) > 1: raise ValueError(f"A batch must hold one task, got {sorted(map(str, tasks))}")
+        rows, used = [], []
+        for f in features:                                            # first fit, in order
+            k = len(f["input_ids"])
+            if k > self.max_length: raise ValueError(f"An example of {k} tokens does not fit in a packed row of max_length={self.max_length}")
+            r = next((r for r, u in enumerate(used) if u + k <= self.max_length), None)
+            if r is None: rows.append([f]); used.append(k)
+            else: rows[r].append(f); used[r] += k
+        n = max(used)
+        if self.multiple: n = -(-n // self.multiple) * self.multiple
+        ids = torch.full((len(rows), n), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(rows), n), IGNORE_INDEX, dtype=torch.long)
+        pos = torch.zeros((len(rows), n), dtype=torch.long)
+        for i, row in enumerate(rows):
+            at = 0
+            for f in row:
+                k = len(f["input_ids"])
+                ids[i, at:at + k] = torch.as_tensor(f["input_ids"]); labels[i, at:at + k] = torch.as_tensor(f["labels"])
+                labels[i, at] = IGNORE_INDEX                          # never predicted from the previous example
+                pos[i, at:at + k] = torch.arange(k); at += k
+            pos[i, at:] = torch.arange(n - at)                        # the padding tail: a sequence of its own, no targets
+        batch = {"input_ids": ids, "labels": labels, "position_ids": pos, "num_tokens": torch.tensor(sum(used))}
+        if tasks != {None}: batch["task"] = tasks.pop()
+        return batch
+
+def model_inputs(batch: dict) -> dict:
+    "The tensors of a collated batch that the model takes."
+    return {k: batch[k] for k in MODEL_INPUTS if k in batch}
+
+def batch_tokens(batch: dict) -> int:
+    "Real (non-padding) tokens in a collated batch, packed or padded."
+    return int(batch["num_tokens"]) if "num_tokens" in batch else int(batch["attention_mask"].sum())
+
+# %% ../nbs/02_data.ipynb #b6f14b96
 def builtin_tasks(**sizes) -> list[Task]:
     "The seed's two tasks on the built-in offline datasets."
     from multilora.builtin_data import load_builtin
     return [summarization_task(load_builtin("summarization", **sizes.get("summarization", {}))),
             sql_task(load_builtin("sql_generation", **sizes.get("sql_generation", {})))]
 
-# %% ../nbs/02_data.ipynb #582dd895
+# %% ../nbs/02_data.ipynb #89b2877a
 def padding_share(lengths, batch_size: int, pad_to: int | None = None, multiple: int = 8, seed: int = 0) -> float:
     "Share of pad tokens over random batches of `lengths`: padded to `pad_to` if given, else dynamically."
     lengths = np.random.default_rng(seed).permutation(np.asarray(lengths))

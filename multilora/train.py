@@ -14,7 +14,7 @@ __all__ = ['TrainConfig', 'lr_lambda', 'MultiLoRATrainer', 'save_checkpoint', 'v
            'tasks_from_config', 'trainer_from_config', 'run_from_config', 'demo_config', 'publish_demo_run',
            'demo_adapters']
 
-# %% ../nbs/04_training.ipynb #37b5f768
+# %% ../nbs/04_training.ipynb #55394fb9
 import numpy as np
 import torch
 from accelerate import Accelerator
@@ -23,10 +23,10 @@ from peft import set_peft_model_state_dict
 from tqdm.auto import tqdm
 from .model import _atomic_folder, load_base_model, prepare_for_training, pick_compute_dtype
 from .adapters import Task, adapter_parameters, activate_adapter, attach_adapters, save_adapters, adapter_names
-from .data import CompletionCollator, tokenize_task, IGNORE_INDEX
+from .data import CompletionCollator, PackingCollator, batch_tokens, model_inputs, tokenize_task, IGNORE_INDEX
 from .sampler import MultiTaskDataset, TemperatureBatchSampler
 
-# %% ../nbs/04_training.ipynb #91847dd3
+# %% ../nbs/04_training.ipynb #0ac22a60
 @dataclass
 class TrainConfig:
     "Hyper-parameters of an interleaved multi-adapter run."
@@ -43,6 +43,7 @@ class TrainConfig:
     cap: int | None = None                # T5-style cap K on dataset sizes
     max_length: int = 512
     group_by_length: bool = False         # batches of similar lengths (less padding); see the sampler chapter
+    packing: bool = False                 # lay each step's examples end to end in rows of max_length tokens (no padding)
     train_limit: int | None = None        # use only the first N training examples of each task
     seed: int = 0
     checkpoint_every: int = 50
@@ -62,6 +63,8 @@ class TrainConfig:
         if not self.temperature > 0: raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if self.eval_every is not None and self.eval_every <= 0: raise ValueError("eval_every must be positive or None")
         if self.mixed_precision not in ("auto", "no", "bf16", "fp16"): raise ValueError("mixed_precision must be auto, no, bf16 or fp16")
+        for k in ("group_by_length", "packing", "progress"):
+            if not isinstance(getattr(self, k), bool): raise ValueError(f"{k} must be true or false, got {getattr(self, k)!r}")
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -91,7 +94,7 @@ def _device_settings(config: TrainConfig, device: str) -> tuple[str, bool]:
     if gc == "auto": gc = device != "cpu"
     return mp, bool(gc)
 
-# %% ../nbs/04_training.ipynb #4911ce61
+# %% ../nbs/04_training.ipynb #4209bb5f
 class MultiLoRATrainer:
     "Train one adapter per task on a shared frozen base, one task-homogeneous step at a time."
     def __init__(self, model, tokenizer, tasks: list[Task], config: TrainConfig, train_data: dict | None = None,
@@ -114,7 +117,7 @@ class MultiLoRATrainer:
                                                temperature=config.temperature, cap=config.cap, weights=weights, seed=config.seed,
                                                num_replicas=self.acc.num_processes, rank=self.acc.process_index,
                                                lengths=self.dataset.lengths() if config.group_by_length else None)
-        self.collate = CompletionCollator(tokenizer)
+        self.collate = PackingCollator(tokenizer, config.max_length) if config.packing else CompletionCollator(tokenizer)
         self._setup_model(model)
         self.expected_updates = {n: max(1, math.ceil(config.max_steps * p)) for n, p in self.sampler.probabilities.items()}
         self.schedulers = {n: torch.optim.lr_scheduler.LambdaLR(o.optimizer if hasattr(o, "optimizer") else o,
@@ -143,7 +146,7 @@ def _setup_model(self: MultiLoRATrainer, model):
         assert in_opt[n] == sum(p.numel() for p in self.params[n]) > 0, f"adapter {n} is not fully in its optimizer"
 MultiLoRATrainer._setup_model = _setup_model
 
-# %% ../nbs/04_training.ipynb #bd07f7cc
+# %% ../nbs/04_training.ipynb #51176c1d
 def _train_step(self: MultiLoRATrainer, task: str, features: list[dict]) -> dict:
     "One update of `task`'s adapter from one task-homogeneous draw, accumulated over micro-batches."
     activate_adapter(self.unwrapped, task)
@@ -157,10 +160,10 @@ def _train_step(self: MultiLoRATrainer, task: str, features: list[dict]) -> dict
     n_targets = int(self.acc.reduce(torch.tensor(n_local, device=self.acc.device), "sum")) if world > 1 else n_local
     loss_sum, finite = 0.0, True
     for k, m in enumerate(micro):
-        m = {key: v.to(self.acc.device) for key, v in m.items() if key != "task"}
+        m = {key: v.to(self.acc.device) for key, v in model_inputs(m).items()}
         sync = self.acc.no_sync(self.model) if k < len(micro) - 1 and world > 1 else contextlib.nullcontext()
         with sync, self.acc.autocast():
-            out = self.model(**m)
+            out = self.model(**m, use_cache=False)              # no cache: also what lets transformers see packed rows
             loss = out.loss * (int((m["labels"] != IGNORE_INDEX).sum()) * world / n_targets)
         if not torch.isfinite(loss):
             finite = False
@@ -183,7 +186,7 @@ def _train_step(self: MultiLoRATrainer, task: str, features: list[dict]) -> dict
         self.skipped[task] += 1
         warnings.warn(f"step {self.step + 1}: non-finite loss or gradient for {task!r}; its update is skipped and no weight changes")
     opt.zero_grad(set_to_none=True)
-    tokens = sum(int(m["attention_mask"].sum()) for m in micro)
+    tokens = sum(batch_tokens(m) for m in micro)
     if world > 1: tokens = int(self.acc.reduce(torch.tensor(tokens, device=self.acc.device), "sum"))
     return {"step": self.step + 1, "task": task, "loss": loss_sum if finite else float("nan"), "tokens": tokens,
             "lr": self.schedulers[task].get_last_lr()[0], "grad_norm": grad_norm, "skipped": not finite}
@@ -301,7 +304,7 @@ def plot_losses(history: list[dict], ax=None, smooth: float = 0.8):
     ax.set_xlabel("step (updates over all adapters)"); ax.set_ylabel("loss per answer token"); ax.legend()
     return ax
 
-# %% ../nbs/04_training.ipynb #d204e8ec
+# %% ../nbs/04_training.ipynb #2527c4f3
 @torch.no_grad()
 def evaluate_loss(self: MultiLoRATrainer) -> dict[str, float]:
     "Token-weighted validation loss of each task with its own adapter."
@@ -313,7 +316,7 @@ def evaluate_loss(self: MultiLoRATrainer) -> dict[str, float]:
         for i in range(0, len(data), self.cfg.batch_size):
             m = self.collate([data[j] for j in range(i, min(i + self.cfg.batch_size, len(data)))])
             k = int((m["labels"] != IGNORE_INDEX).sum())
-            with self.acc.autocast(): loss = self.model(**{key: v.to(self.acc.device) for key, v in m.items()}).loss
+            with self.acc.autocast(): loss = self.model(**{key: v.to(self.acc.device) for key, v in model_inputs(m).items()}, use_cache=False).loss
             tot, cnt = tot + loss.item() * k, cnt + k
         res[n] = tot / cnt
     return res

@@ -101,3 +101,21 @@ def test_cli_errors_are_one_line(tmp_path):
     bad.write_text('[train]\nmax_stepz = 3\n[[tasks]]\npreset = "summarization"\n')
     r = _train(bad)
     assert r.returncode == 2 and "Unknown training setting(s) ['max_stepz']" in r.stderr and "Traceback" not in r.stderr
+
+def test_packing_trains_on_the_same_tokens_as_padding(tmp_path):
+    "`--packing` changes the layout of a step, not what it learns: same examples, same tokens, same loss, same weights."
+    runs = {}
+    for name, extra in (("padded", ()), ("packed", ("--packing",))):
+        cfg = tmp_path/f"{name}.toml"
+        cfg.write_text(TINY.format(out=tmp_path/name, steps=4, accum=1).replace('preset = "summarization"\n', 'preset = "summarization"\nlora_dropout = 0.0\n')
+                       .replace('preset = "sql_generation"\n', 'preset = "sql_generation"\nlora_dropout = 0.0\n'))
+        r = _train(cfg, *extra)
+        assert r.returncode == 0, r.stderr[-3000:]
+        runs[name] = [x for x in map(json.loads, (tmp_path/name/"metrics.jsonl").read_text().splitlines()) if "loss" in x]
+    pad, pack = runs["padded"], runs["packed"]
+    assert [r["task"] for r in pad] == [r["task"] for r in pack]
+    assert [r["tokens"] for r in pad] == [r["tokens"] for r in pack]           # real tokens, counted the same way
+    for a, b in zip(pad, pack): assert abs(a["loss"] - b["loss"]) <= 1e-3 * abs(a["loss"]), (a, b)
+    wa, wb = _weights(tmp_path/"padded"), _weights(tmp_path/"packed")
+    assert wa.keys() == wb.keys() and len(wa) > 0
+    for k in wa: torch.testing.assert_close(wa[k], wb[k], rtol=1e-3, atol=1e-5)

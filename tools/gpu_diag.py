@@ -1,21 +1,42 @@
-"Diagnose the fast engine on a GPU: graph capture, scheduler timing, and the HTTP path (with a stack dump if anything hangs)."
-import faulthandler, sys, time, torch, warnings
-faulthandler.dump_traceback_later(int(sys.argv[2]) if len(sys.argv) > 2 else 150, exit=True)
+"Diagnose the fast engine on a GPU: each NF4 path (bitsandbytes, plain torch, compiled), graph capture, step times, memory."
+import faulthandler, gc, sys, time, torch, warnings
+faulthandler.dump_traceback_later(int(sys.argv[2]) if len(sys.argv) > 2 else 300, exit=True)
 from multilora.model import load_base_model
 from multilora.adapters import load_adapters
 from multilora.fast import FastLoRA
-from multilora.server import BASE, bench_prompts, bench_serve
+from multilora.server import BASE, bench_prompts
 base = sys.argv[1]
 m, tok = load_base_model(base); model = load_adapters(m, "/tmp/diag_adapters"); model.eval()
-f = FastLoRA(model, max_batch_size=64, max_len=256); f.init_scheduler(tok)
+print(f"model loaded: {torch.cuda.memory_allocated() / 2**30:.2f} GB", flush=True)
 prompts = bench_prompts(tok, 128)
 names = ["summarization", "sql_generation", BASE, "sql_generation"]
-for n in (1, 64):
+for mode in sys.argv[3].split(",") if len(sys.argv) > 3 else ("compiled", "torch", "bnb"):
     t0 = time.time()
-    res = f.generate_texts([prompts[i % 4] for i in range(n)], [names[i % 4] for i in range(n)], max_new_tokens=32, ignore_eos=True)
-    torch.cuda.synchronize(); dt = time.time() - t0
-    print(f"batch {n}: {n * 32 / dt:.0f} tok/s, {dt:.2f}s, graphs={sorted(f.graphs)}, graph_error={f.graph_error}", flush=True)
-t0 = time.time(); res = f.generate_texts([prompts[i % 4] for i in range(64)], [names[i % 4] for i in range(64)], max_new_tokens=32, ignore_eos=True)
-torch.cuda.synchronize(); dt = time.time() - t0; print(f"batch 64 again: {64 * 32 / dt:.0f} tok/s", flush=True)
-bench_serve("/tmp/diag_adapters", engines=("fast",), concurrency=(64,), max_new_tokens=32, requests_per_level=64, max_batch_size=64,
-            base_model=base, output=None, prompt_tokens=128, engine_kw={"fast": {"max_len": 256}})
+    f = FastLoRA(model, max_batch_size=64, max_len=256, dequantize=mode); f.init_scheduler(tok)
+    print(f"== {mode}: built in {time.time() - t0:.1f}s (dequantize={f.dequantize})", flush=True)
+    for n, adapters in ((1, names), (64, names), (64, [BASE])):
+        t0 = time.time()
+        res = f.generate_texts([prompts[i % 4] for i in range(n)], [adapters[i % len(adapters)] for i in range(n)], max_new_tokens=64,
+                               ignore_eos=True)
+        torch.cuda.synchronize(); dt = time.time() - t0
+        label = "mixed" if len(adapters) > 1 else "base only"
+        print(f"  batch {n:>2} {label:<9}: {n * 64 / dt:7.0f} tok/s ({dt:.2f}s incl. prefill and capture), graphs={len(f.graphs)}, "
+              f"graph_error={f.graph_error}, checks={ {k: f'{v:.1e}' for k, v in f.graph_checks.items()} }", flush=True)
+    # steady state: decode steps alone at batch 64, once the graphs exist
+    ids = [tok(p)["input_ids"] for p in prompts]
+    f.prefill([ids[i % 4] for i in range(64)], list(range(64)), [i % 3 - 1 for i in range(64)])
+    args = ({s: ids[s % 4][-1] for s in range(64)}, {s: len(ids[s % 4]) for s in range(64)}, {s: s % 3 - 1 for s in range(64)})
+    f.decode(*args); torch.cuda.synchronize(); t0 = time.time()
+    for _ in range(20): f.decode(*args)
+    torch.cuda.synchronize(); ms = (time.time() - t0) / 20 * 1e3
+    print(f"  decode step, batch 64: {ms:.2f} ms -> {64 / ms * 1e3:.0f} tok/s; peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GB",
+          flush=True)
+    if mode == "compiled":   # where an eager decode step's time goes (the graphs hide it; this says what they hide)
+        from torch.profiler import profile, ProfilerActivity
+        graphs, f.cuda_graphs = f.cuda_graphs, False
+        f.decode(*args); torch.cuda.synchronize(); t0 = time.time(); f.decode(*args); torch.cuda.synchronize()
+        print(f"  eager decode step, batch 64: {(time.time() - t0) * 1e3:.1f} ms", flush=True)
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof: f.decode(*args); torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=15, max_name_column_width=50), flush=True)
+        f.cuda_graphs = graphs
+    del f; gc.collect(); torch.cuda.empty_cache()

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU runs behind the committed benchmark tables (nbs/benchmarks/*_h200.json), as run through the `device` tool.
 # Usage (repo root, with the wheels of ../shared/device-wheels.sh in .whl/ and a tokenizer folder in .devtok/):
-#   bash tools/gpu_run.sh STAGE...    stages: cudatest serve train ddp
+#   bash tools/gpu_run.sh STAGE...    stages: cudatest serve servefast train ddp diag profile
 # Results go to $OUT (or ./gpu-out). No hub is reachable there: every model is random weights of a real shape.
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu-out}; mkdir -p "$OUT"
@@ -18,12 +18,13 @@ for stage in "$@"; do
     cudatest)  # the notebooks' GPU cells, on a random model of the embedded model's shape
       model smollm2-135m
       MULTILORA_MODEL=/tmp/smollm2-135m nbdev_test --flags cuda --path nbs/07a_fast_engine.ipynb 2>&1 | tee "$OUT/cudatest.txt" ;;
-    serve)
+    serve|servefast)  # serve: the engines side by side; servefast: the fast engine with adapters against base-only, same engine
       model llama-2-7b
       [ -d /tmp/adapters7b ] || ml bench adapters --base /tmp/llama-2-7b --out /tmp/adapters7b
-      ml bench serve --base /tmp/llama-2-7b --adapters /tmp/adapters7b --engines ${ENGINES:-locked,batched,fast} --base-only \
-        --concurrency ${CONC:-1,8,32,64} --max-new-tokens 64 --prompt-tokens 128 --max-batch-size 64 --locked-max-concurrency 8 \
-        --max-len 256 --json "$OUT/serve_h200.json" 2>&1 | grep --line-buffered -v "Loading weights" | tee "$OUT/serve.log" ;;
+      if [ "$stage" = servefast ]; then args="--engines fast --base-only"; name=serve_fast_h200
+      else args="--engines ${ENGINES:-locked,batched,fast} --locked-max-concurrency 8"; name=serve_h200; fi
+      ml bench serve --base /tmp/llama-2-7b --adapters /tmp/adapters7b $args --concurrency ${CONC:-1,8,32,64} --max-new-tokens 64 \
+        --prompt-tokens 128 --max-batch-size 64 --max-len 256 --json "$OUT/$name.json" 2>&1 | grep --line-buffered -v "Loading weights" | tee "$OUT/$name.log" ;;
     train)
       model llama-2-7b
       ml bench train --base /tmp/llama-2-7b --steps ${STEPS:-20} --batch-size 16 --json "$OUT/train_h200.json" 2>&1 | grep --line-buffered -v "Loading weights\|tokenizing" | tee "$OUT/train.log" ;;
@@ -60,7 +61,10 @@ print(json.dumps(r, indent=1)); open('$OUT/ddp_h200.json', 'w').write(json.dumps
     diag)
       model ${DIAG_SHAPE:-smollm2-135m}
       [ -d /tmp/diag_adapters ] || ml bench adapters --base /tmp/${DIAG_SHAPE:-smollm2-135m} --out /tmp/diag_adapters
-      python3 tools/gpu_diag.py /tmp/${DIAG_SHAPE:-smollm2-135m} ${DIAG_TIMEOUT:-150} 2>&1 | grep --line-buffered -v "Loading weights" | tee "$OUT/diag.log" ;;
+      python3 tools/gpu_diag.py /tmp/${DIAG_SHAPE:-smollm2-135m} ${DIAG_TIMEOUT:-300} ${DIAG_MODES:-compiled,torch,bnb} 2>&1 | grep --line-buffered -v "Loading weights" | tee "$OUT/diag.log" ;;
+    profile)   # where a training step's time goes
+      model llama-2-7b
+      python3 tools/gpu_profile_train.py /tmp/llama-2-7b 2>&1 | grep --line-buffered -v "Loading weights" | tee "$OUT/profile_train.log" ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
 done
