@@ -352,13 +352,14 @@ def sample_next(logits: torch.Tensor, req: GenRequest, generator: torch.Generato
     return int(torch.multinomial(probs.cpu() if generator is not None and generator.device.type == "cpu" else probs, 1,
                                  generator=generator))
 
-# %% ../nbs/07a_fast_engine.ipynb #8a318afe
+# %% ../nbs/07a_fast_engine.ipynb #5dd6e318
 def _init_scheduler(self: FastLoRA, tokenizer):
     self.tokenizer = tokenizer
     self.waiting: deque[GenRequest] = deque()
     self.active: dict[int, Sequence] = {}
     self.lock = threading.Lock()                 # guards `waiting` (requests arrive from the event loop's thread)
     self.steps, self.decode_rows = 0, 0
+    self.timing = {"steps_s": 0.0, "prefill_s": 0.0, "decode_s": 0.0, "prefills": 0}   # where the scheduler's time goes
 FastLoRA.init_scheduler = _init_scheduler
 
 def add(self: FastLoRA, req: GenRequest):
@@ -380,7 +381,7 @@ FastLoRA.check_request = check_request
 def busy(self: FastLoRA) -> bool: return bool(self.active or self.waiting)
 FastLoRA.busy = busy
 
-# %% ../nbs/07a_fast_engine.ipynb #7f883259
+# %% ../nbs/07a_fast_engine.ipynb #7595b542
 def _next_tokens(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
     "Row i's next token for `seqs[i]`: one argmax and one device-to-host copy for all greedy rows, `sample_next` for the rest."
     greedy = logits.argmax(-1).tolist()
@@ -410,8 +411,11 @@ def _admit(self: FastLoRA, done: list):
                                  RowTracker([req], self.tokenizer, n), gen), ids))
     if not new: return
     for seq, _ in new: self.active[seq.slot] = seq                     # before prefill: if it raises, these fail with it
+    t0 = time.perf_counter()
     logits = self.prefill([ids for _, ids in new], [s.slot for s, _ in new], [s.adapter for s, _ in new])
-    for (seq, _), token in zip(new, _next_tokens(logits, [s for s, _ in new])): self._push(seq, token, done)
+    tokens = _next_tokens(logits, [s for s, _ in new])                  # a host copy: the prefill has finished on the device
+    self.timing["prefill_s"] += time.perf_counter() - t0; self.timing["prefills"] += 1
+    for (seq, _), token in zip(new, tokens): self._push(seq, token, done)
 FastLoRA._admit = _admit
 
 def _push(self: FastLoRA, seq: Sequence, token: int, done: list):
@@ -423,16 +427,19 @@ FastLoRA._push = _push
 
 def step(self: FastLoRA) -> list[tuple[GenRequest, GenResult | BaseException]]:
     "Admit, prefill, and decode one token for every active sequence; the requests that finished."
-    done = []
+    done, t0 = [], time.perf_counter()
     self._admit(done)
     if self.active:
         seqs = list(self.active.values())
+        t1 = time.perf_counter()
         logits = self.decode({s.slot: s.last for s in seqs}, {s.slot: s.position for s in seqs}, {s.slot: s.adapter for s in seqs})
         self.steps += 1; self.decode_rows += len(seqs)
         tokens = _next_tokens(logits[torch.tensor([s.slot for s in seqs], device=logits.device)], seqs)
+        self.timing["decode_s"] += time.perf_counter() - t1
         for s, t in zip(seqs, tokens):
             s.position += 1
             self._push(s, t, done)
+    self.timing["steps_s"] += time.perf_counter() - t0
     return done
 FastLoRA.step = step
 
@@ -452,7 +459,7 @@ def generate_texts(self: FastLoRA, prompts: list[str], adapters: list[str] | Non
     return [out[r.id] for r in reqs]
 FastLoRA.generate_texts = generate_texts
 
-# %% ../nbs/07a_fast_engine.ipynb #737bded6
+# %% ../nbs/07a_fast_engine.ipynb #d2dcd97f
 class FastEngine(Engine):
     "Continuous batching over `FastLoRA`: requests join between decode steps; CUDA graphs on a GPU."
     kind = "fast"
@@ -490,7 +497,7 @@ class FastEngine(Engine):
         finally: self.futures.pop(req.id, None)
         return self._finish(req, out)
 
-# %% ../nbs/07a_fast_engine.ipynb #d0ccd9e0
+# %% ../nbs/07a_fast_engine.ipynb #c6aabcee
 def _step_safely(self: FastEngine) -> list:
     "One scheduler step on the model thread; if it raises, fail the requests it held and free their slots."
     try: return self.fast.step()
@@ -520,7 +527,7 @@ async def _stop(self: FastEngine):
     if self.task: self.task.cancel()
 FastEngine.stop = _stop
 
-# %% ../nbs/07a_fast_engine.ipynb #a07e8f80
+# %% ../nbs/07a_fast_engine.ipynb #daf2a922
 async def _load_adapter(self: FastEngine, name: str, path):
     await Engine.load_adapter(self, name, path)
     await self.in_model_thread(self._rebuild)

@@ -39,4 +39,5 @@ for mode in sys.argv[3].split(",") if len(sys.argv) > 3 else ("compiled", "torch
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof: f.decode(*args); torch.cuda.synchronize()
         print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=15, max_name_column_width=50), flush=True)
         f.cuda_graphs = graphs
+    print(f"  scheduler timing: { {k: round(v, 3) for k, v in f.timing.items()} }, decode steps {f.steps}", flush=True)
     del f; gc.collect(); torch.cuda.empty_cache()
