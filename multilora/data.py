@@ -128,17 +128,23 @@ def tokenize_task(task: Task, tokenizer, split: str = "train", max_length: int =
         except ValueError as e: raise ValueError(f"Task {task.name!r}, {split} row {idx}: {e}") from None
     return ds.map(fn, with_indices=True, remove_columns=ds.column_names, desc=f"tokenizing {task.name}/{split}")
 
-# %% ../nbs/02_data.ipynb #88a2a140
+# %% ../nbs/02_data.ipynb #6e1bb589
 class CompletionCollator:
     "Pad a batch to its longest example, rounded up to a multiple of 8, with labels -100 on padding."
     def __init__(self, tokenizer, pad_to_multiple_of: int | None = 8):
         if tokenizer.pad_token_id is None: raise ValueError("The tokenizer has no pad token; load it with multilora.model.load_tokenizer")
         self.pad_id, self.multiple = tokenizer.pad_token_id, pad_to_multiple_of
 
-    def __call__(self, features: list[dict]) -> dict:
+    @staticmethod
+    def _task(features: list[dict]) -> str | None:
+        "The one task of a batch (None if untagged); refuses empty and mixed batches."
         if not features: raise ValueError("Cannot collate an empty batch")
         tasks = {f.get("task") for f in features}
         if len(tasks) > 1: raise ValueError(f"A batch must hold one task, got {sorted(map(str, tasks))}")
+        return tasks.pop()
+
+    def __call__(self, features: list[dict]) -> dict:
+        task = self._task(features)
         n = max(len(f["input_ids"]) for f in features)
         if self.multiple: n = -(-n // self.multiple) * self.multiple
         ids = torch.full((len(features), n), self.pad_id, dtype=torch.long)
@@ -148,10 +154,10 @@ class CompletionCollator:
             k = len(f["input_ids"])
             ids[i, :k] = torch.as_tensor(f["input_ids"]); labels[i, :k] = torch.as_tensor(f["labels"]); mask[i, :k] = 1
         batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
-        if tasks != {None}: batch["task"] = tasks.pop()
+        if task is not None: batch["task"] = task
         return batch
 
-# %% ../nbs/02_data.ipynb #66512614
+# %% ../nbs/02_data.ipynb #108a428f
 MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "position_ids")
 
 class PackingCollator(CompletionCollator):
@@ -161,9 +167,7 @@ class PackingCollator(CompletionCollator):
         self.max_length = max_length
 
     def __call__(self, features: list[dict]) -> dict:
-        if not features: raise ValueError("Cannot collate an empty batch")
-        tasks = {f.get("task") for f in features}
-        if len(tasks) > 1: raise ValueError(f"A batch must hold one task, got {sorted(map(str, tasks))}")
+        task = self._task(features)
         rows, used = [], []
         for f in features:                                            # first fit, in order
             k = len(f["input_ids"])
@@ -185,7 +189,7 @@ class PackingCollator(CompletionCollator):
                 pos[i, at:at + k] = torch.arange(k); at += k
             pos[i, at:] = torch.arange(n - at)                        # the padding tail: a sequence of its own, no targets
         batch = {"input_ids": ids, "labels": labels, "position_ids": pos, "num_tokens": torch.tensor(sum(used))}
-        if tasks != {None}: batch["task"] = tasks.pop()
+        if task is not None: batch["task"] = task
         return batch
 
 def model_inputs(batch: dict) -> dict:

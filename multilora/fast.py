@@ -154,7 +154,7 @@ class FastLoRA:
         self.onehot_buf = torch.zeros(self.max_batch_size, max(1, len(self.names)), dtype=self.dtype, device=self.device)
         self.graphs.clear()
 
-# %% ../nbs/07a_fast_engine.ipynb #04584fc8
+# %% ../nbs/07a_fast_engine.ipynb #76009e65
 DEQUANTIZE = ("auto", "bnb", "torch", "compiled")
 
 def _set_dequantize(self: FastLoRA, dequantize: str):
@@ -165,12 +165,13 @@ def _set_dequantize(self: FastLoRA, dequantize: str):
             try: import triton; dequantize = "compiled"
             except ImportError: dequantize = "torch"
     self.dequantize, self._dense = dequantize, {"torch": _dequantize_nf4}.get(dequantize)
+    self._nf4 = set() if dequantize == "bnb" else {m for m in self.base.modules() if is_nf4(m)}   # found once, not per call
     if dequantize != "compiled": return
     self._dense = torch.compile(_dequantize_nf4, dynamic=False)
     try:
         seen = set()
-        for m in self.base.modules():                           # compile once per weight shape, now rather than mid-request
-            if is_nf4(m) and (tuple(m.weight.quant_state.shape), m.weight.quant_state.dtype) not in seen:
+        for m in self._nf4:                                     # compile once per weight shape, now rather than mid-request
+            if (tuple(m.weight.quant_state.shape), m.weight.quant_state.dtype) not in seen:
                 seen.add((tuple(m.weight.quant_state.shape), m.weight.quant_state.dtype))
                 test = nf4_dequantize(m.weight, self._dense)
                 if not torch.equal(test, nf4_dequantize(m.weight)): raise RuntimeError("compiled NF4 dequantization differs from eager")
@@ -182,7 +183,7 @@ FastLoRA._set_dequantize = _set_dequantize
 def _frozen(self: FastLoRA, module, x: torch.Tensor) -> torch.Tensor:
     "The frozen layer under `module` on `x`, through the engine's NF4 path where it has one."
     lin = base_linear(module)
-    if self._dense is None or not is_nf4(lin): return lin(x)
+    if lin not in self._nf4: return lin(x)
     cd = lin.compute_dtype or x.dtype                           # what bitsandbytes' own forward computes in
     w = nf4_dequantize(lin.weight, self._dense).to(cd)
     return F.linear(x.to(cd), w, None if lin.bias is None else lin.bias.to(cd)).to(x.dtype)
