@@ -9,7 +9,8 @@ from dataclasses import replace
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['SHAPES', 'random_model', 'random_adapters', 'seed_train_loop', 'bench_train', 'format_train_bench']
+__all__ = ['SHAPES', 'random_model', 'random_adapters', 'seed_train_loop', 'bench_train', 'format_train_bench', 'bench_kernels',
+           'format_kernel_bench']
 
 # %% ../nbs/10_benchmarks.ipynb #40c49ec5
 import numpy as np
@@ -186,4 +187,77 @@ def format_train_bench(res: dict) -> str:
     for k, v in res["runs"].items():
         pk = "-" if v["peak_memory_gb"] is None else f"{v['peak_memory_gb']:.2f}"
         lines.append(f"{k:<44} {v['batch_size']:>5} {v['useful_tokens_per_s']:>12.1f} {v['vs_seed']:>6.2f}x {pk:>8}")
+    return "\n".join(lines)
+
+# %% ../nbs/10_benchmarks.ipynb #370cb722
+def _layer_shapes(shape: str) -> dict[str, tuple[int, int, int]]:
+    "{projection group: (out_features, in_features, layers per decoder block)} of a named model shape."
+    s = SHAPES[shape]
+    H, I, kv = s["hidden_size"], s["intermediate_size"], s["num_key_value_heads"] * s["hidden_size"] // s["num_attention_heads"]
+    groups = {"q_proj, o_proj": (H, H, 2), "k_proj, v_proj": (kv, H, 2), "gate_proj, up_proj": (I, H, 2), "down_proj": (H, I, 1)}
+    if kv == H: groups = {"q, k, v, o_proj": (H, H, 4), **{k: v for k, v in groups.items() if k[0] in "gd"}}
+    return groups
+
+# %% ../nbs/10_benchmarks.ipynb #1a3e467c
+def bench_kernels(shape: str = "tiny", rows: tuple[int, ...] = (1, 16, 64), reps: int = 20,
+                  output: str | os.PathLike | None = "bench_kernels.json", verbose: bool = True) -> dict:
+    "Microseconds per NF4 layer at decode sizes, four ways (bitsandbytes, dequantize+mm, fused, 16-bit), and per decode step."
+    import bitsandbytes as bnb
+    import torch.nn.functional as F
+    from multilora.fast import _dequantize_nf4, nf4_dequantize
+    from multilora.model import pick_compute_dtype
+    from multilora.kernels import _time
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = pick_compute_dtype(device)
+    timer = lambda fn: _time(fn, reps, cuda=device == "cuda")
+    dense = torch.compile(_dequantize_nf4, dynamic=False) if device == "cuda" else _dequantize_nf4
+    res = {"config": {"shape": shape, "rows": list(rows), "reps": reps, "dtype": str(dtype).replace("torch.", ""),
+                      "device": torch.cuda.get_device_name() if device == "cuda" else f"cpu ({os.cpu_count()} cores)"},
+           "layers": [], "per_step_ms": {}}
+    torch.manual_seed(0)
+    for group, (out_f, in_f, count) in _layer_shapes(shape).items():
+        lin = bnb.nn.Linear4bit(in_f, out_f, bias=False, compute_dtype=dtype, quant_type="nf4", compress_statistics=True)
+        lin.weight = bnb.nn.Params4bit(torch.randn(out_f, in_f, dtype=dtype) * 0.02, requires_grad=False, quant_type="nf4",
+                                       compress_statistics=True)
+        lin = lin.to(device)
+        w16 = nf4_dequantize(lin.weight).to(dtype)
+        fused = None
+        if device == "cuda":
+            from multilora.kernels import NF4Matmul, tune
+            fused = NF4Matmul(lin)
+        for n in rows:
+            x = torch.randn(n, in_f, device=device, dtype=dtype)
+            with torch.no_grad():
+                row = {"layer": group, "out": out_f, "in": in_f, "per_block": count, "rows": n,
+                       "bnb_us": timer(lambda: lin(x)) * 1e6,
+                       "dequantize_mm_us": timer(lambda: F.linear(x, nf4_dequantize(lin.weight, dense).to(dtype))) * 1e6,
+                       "fused_us": None, "fused_config": None, "16bit_us": timer(lambda: F.linear(x, w16)) * 1e6}
+                if fused is not None:
+                    tune(fused, n)
+                    row["fused_us"] = timer(lambda: fused(x)) * 1e6
+                    from multilora.kernels import _BEST
+                    row["fused_config"] = str(_BEST[fused.key(n, dtype)])
+            res["layers"].append(row)
+        del lin, w16, fused
+    blocks = SHAPES[shape]["num_hidden_layers"]
+    for n in rows:
+        for k in ("bnb_us", "dequantize_mm_us", "fused_us", "16bit_us"):
+            vals = [None if r[k] is None else r[k] * r["per_block"] for r in res["layers"] if r["rows"] == n]
+            res["per_step_ms"].setdefault(str(n), {})[k[:-3]] = None if None in vals else round(sum(vals) * blocks / 1e3, 2)
+    if verbose: print(format_kernel_bench(res))
+    if output is not None: Path(output).write_text(json.dumps(res, indent=2))
+    return res
+
+def format_kernel_bench(res: dict) -> str:
+    "The kernel benchmark as a table, then the decode-step totals."
+    c = res["config"]
+    f = lambda v: "-" if v is None else f"{v:.1f}"
+    head = f"{'layer':<20} {'out x in':>12} {'rows':>4} {'bnb µs':>8} {'deq+mm µs':>9} {'fused µs':>8} {'16-bit µs':>9}"
+    lines = [f"one NF4 layer of the {c['shape']} shape, {c['dtype']}, on {c['device']}", head, "-" * len(head)]
+    for r in res["layers"]:
+        lines.append(f"{r['layer']:<20} {str(r['out']) + 'x' + str(r['in']):>12} {r['rows']:>4} {f(r['bnb_us']):>8} "
+                     f"{f(r['dequantize_mm_us']):>9} {f(r['fused_us']):>8} {f(r['16bit_us']):>9}")
+    lines.append(f"all NF4 layers of one decode step ({SHAPES[c['shape']]['num_hidden_layers']} blocks), ms:")
+    for n, v in res["per_step_ms"].items():
+        lines.append(f"  rows {n:>3}: " + ", ".join(f"{k} {f(x)}" for k, x in v.items()))
     return "\n".join(lines)

@@ -82,17 +82,18 @@ def _cmd_merge(args):
     print(format_report(report))
     return 0 if report["passed"] else 1
 
-# %% ../nbs/09_cli.ipynb #2d257705
+# %% ../nbs/09_cli.ipynb #b1f433d6
 def _cmd_serve(args):
     "Serve every adapter in a folder over HTTP, an adapter per request."
     from multilora.server import serve
     serve(args.adapters, engine=args.engine, host=args.host, port=args.port, max_batch_size=args.max_batch_size,
           batch_window_ms=args.batch_window_ms, max_queue=args.max_queue, api_key=args.api_key, base_model=args.base,
-          adapter_root=args.adapter_root, **({"max_len": args.max_len} if args.engine == "fast" else {}))
+          adapter_root=args.adapter_root,
+          **({"max_len": args.max_len, "dequantize": args.dequantize} if args.engine == "fast" else {}))
 
-# %% ../nbs/09_cli.ipynb #c4e16350
+# %% ../nbs/09_cli.ipynb #655f1f07
 def _cmd_bench(args):
-    "Benchmarks (`serve`, `train`) and their inputs (`model`: a random-weights model of a real shape; `adapters`: random adapters)."
+    "Benchmarks (`serve`, `train`, `kernels`) and their inputs (`model`: a random-weights model of a real shape; `adapters`: random adapters)."
     if args.suite == "serve":
         from multilora.server import bench_serve
         engines = tuple(args.engines.split(","))
@@ -100,10 +101,13 @@ def _cmd_bench(args):
                     max_new_tokens=args.max_new_tokens, max_batch_size=args.max_batch_size, base_model=args.base,
                     output=args.json or "bench_serve.json", base_only=args.base_only, prompt_tokens=args.prompt_tokens,
                     requests_per_level=args.requests, max_concurrency={"locked": args.locked_max_concurrency},
-                    engine_kw={"fast": {"max_len": args.max_len}})
+                    engine_kw={"fast": {"max_len": args.max_len, "dequantize": args.dequantize}})
     elif args.suite == "train":
         from multilora.bench import bench_train
         bench_train(args.base, steps=args.steps, batch_size=args.batch_size, output=args.json or "bench_train.json")
+    elif args.suite == "kernels":
+        from multilora.bench import bench_kernels
+        bench_kernels(args.shape, rows=tuple(int(r) for r in args.rows.split(",")), output=args.json or "bench_kernels.json")
     elif args.suite == "model":
         from multilora.bench import random_model
         if not args.out: raise ValueError("bench model needs --out")
@@ -125,7 +129,7 @@ def _add_serving_args(p):
     p.add_argument("--base", default=None, help="base model folder or hub id (default: the embedded model)")
     p.add_argument("--max-batch-size", type=int, default=16)
 
-# %% ../nbs/09_cli.ipynb #7c66b2ef
+# %% ../nbs/09_cli.ipynb #aea46e5a
 def build_parser() -> argparse.ArgumentParser:
     "The `multilora` argument parser, one subcommand per chapter."
     p = argparse.ArgumentParser(prog="multilora", description="Train many LoRA adapters on one 4-bit base model and serve them all from it.")
@@ -163,6 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--engine", default="batched", choices=["batched", "locked", "fast"],
                    help="batched (default), locked, or fast (continuous batching, CUDA graphs; Llama-family models)")
     v.add_argument("--max-len", type=int, default=1024, help="fast engine: longest prompt + completion, in tokens")
+    v.add_argument("--dequantize", default="auto",
+                   help="fast engine: how NF4 layers run (auto, bnb, torch, compiled, fused, or dense: a 16-bit copy)")
     v.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     v.add_argument("--port", type=int, default=8000)
     v.add_argument("--batch-window-ms", type=float, default=5.0, help="how long the batched engine gathers requests")
@@ -172,8 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serving_args(v)
     v.set_defaults(func=_cmd_serve)
     b = sub.add_parser("bench", help="benchmarks that print a table and write JSON")
-    b.add_argument("suite", choices=["serve", "train", "model", "adapters"],
-                   help="serve: engines over HTTP; train: seed loop vs trainer; model/adapters: random weights of real shapes")
+    b.add_argument("suite", choices=["serve", "train", "kernels", "model", "adapters"],
+                   help="serve: engines over HTTP; train: seed loop vs trainer; kernels: one NF4 layer four ways; "
+                        "model/adapters: random weights of real shapes")
     b.add_argument("--adapters", default=None, help="serve: adapters folder (default: marker adapters whose answers have a fixed length)")
     b.add_argument("--engines", default="locked,batched")
     b.add_argument("--concurrency", default="1,4,8,16")
@@ -183,9 +190,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--base-only", action="store_true", help="serve: also run every engine with the base model alone")
     b.add_argument("--locked-max-concurrency", type=int, default=16, help="serve: skip higher levels for the (slow) locked engine")
     b.add_argument("--max-len", type=int, default=1024, help="serve: the fast engine's KV cache length")
+    b.add_argument("--dequantize", default="auto", help="serve: how the fast engine runs NF4 layers")
     b.add_argument("--steps", type=int, default=20, help="train: steps per loop")
     b.add_argument("--batch-size", type=int, default=16, help="train: examples per step")
-    b.add_argument("--shape", default="tiny", help="model: llama-2-7b, llama-3.2-1b, smollm2-135m or tiny")
+    b.add_argument("--shape", default="tiny", help="model/kernels: llama-2-7b, llama-3.2-1b, smollm2-135m or tiny")
+    b.add_argument("--rows", default="1,16,64", help="kernels: batch sizes (rows) to time")
     b.add_argument("--out", default=None, help="model/adapters: output folder")
     b.add_argument("--tokenizer", default=None, help="model: tokenizer folder (default: the embedded model's)")
     b.add_argument("--json", default=None, help="where to write the results (default: bench_<suite>.json)")

@@ -9,9 +9,9 @@ from collections import deque
 from dataclasses import dataclass, field
 
 # %% auto #0
-__all__ = ['SUPPORTED_MODELS', 'PROJECTIONS', 'DEQUANTIZE', 'base_linear', 'StackedLoRA', 'is_nf4', 'nf4_dequantize', 'FastLoRA',
-           'prefill', 'decode', 'capture_graphs', 'Sequence', 'sample_next', 'add', 'check_request', 'busy', 'step',
-           'generate_texts', 'FastEngine']
+__all__ = ['SUPPORTED_MODELS', 'PROJECTIONS', 'DEQUANTIZE', 'base_linear', 'StackedLoRA', 'is_nf4', 'nf4_dequantize',
+           'nf4_scales', 'FastLoRA', 'prefill', 'decode', 'capture_graphs', 'Sequence', 'sample_next', 'add',
+           'check_request', 'busy', 'step', 'generate_texts', 'FastEngine']
 
 # %% ../nbs/07a_fast_engine.ipynb #77eb68e9
 import torch
@@ -59,18 +59,23 @@ class StackedLoRA:
             out = b if out is None else out + b
         return out
 
-# %% ../nbs/07a_fast_engine.ipynb #429a1ef8
+# %% ../nbs/07a_fast_engine.ipynb #0f55ff6d
 def _dequantize_nf4(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int, n: int, dtype: torch.dtype,
                     absmax_code: torch.Tensor | None = None, absmax_scale: torch.Tensor | None = None, absmax_blocksize: int = 256,
                     offset: torch.Tensor | None = None) -> torch.Tensor:
     "The first `n` weights of an NF4 buffer, flat, from tensors alone (so that `torch.compile` can fuse it)."
-    if absmax_code is not None:                                           # double quantization: 8-bit absmaxes
-        a = absmax_code[absmax.int()]
-        a = F.pad(a, (0, (-a.numel()) % absmax_blocksize)).view(-1, absmax_blocksize) * absmax_scale.view(-1, 1)
-        absmax = a.flatten()[:absmax.numel()] + offset
+    absmax = _absmax(absmax, absmax_code, absmax_scale, absmax_blocksize, offset)
     idx = torch.stack([packed >> 4, packed & 15], -1).flatten()[:n].int()  # two codes per byte, the first in the high nibble
-    vals = F.pad(code[idx], (0, (-n) % blocksize)).view(-1, blocksize) * absmax.float().view(-1, 1)
+    vals = F.pad(code[idx], (0, (-n) % blocksize)).view(-1, blocksize) * absmax.view(-1, 1)
     return vals.flatten()[:n].to(dtype)
+
+def _absmax(absmax: torch.Tensor, absmax_code: torch.Tensor | None = None, absmax_scale: torch.Tensor | None = None,
+            absmax_blocksize: int = 256, offset: torch.Tensor | None = None) -> torch.Tensor:
+    "Each NF4 block's scale in fp32, undoing double quantization (8-bit absmaxes, scaled per block of 256) where there is one."
+    if absmax_code is None: return absmax.float()
+    a = absmax_code[absmax.int()]
+    a = F.pad(a, (0, (-a.numel()) % absmax_blocksize)).view(-1, absmax_blocksize) * absmax_scale.view(-1, 1)
+    return a.flatten()[:absmax.numel()] + offset
 
 def is_nf4(module: torch.nn.Module) -> bool:
     "Whether `module` is a bitsandbytes 4-bit linear layer holding NF4 weights."
@@ -82,11 +87,20 @@ def is_nf4(module: torch.nn.Module) -> bool:
 def nf4_dequantize(weight, dequantize=_dequantize_nf4) -> torch.Tensor:
     "bitsandbytes' NF4 weight (`Params4bit`) as a dense matrix, in plain PyTorch ops that CUDA graphs can capture."
     qs = weight.quant_state
-    if qs.quant_type != "nf4": raise NotImplementedError(f"nf4_dequantize reads NF4 weights, not {qs.quant_type!r}")
-    nested = dict(absmax_code=qs.state2.code, absmax_scale=qs.state2.absmax, absmax_blocksize=qs.state2.blocksize,
-                  offset=qs.offset) if qs.nested else {}
-    flat = dequantize(weight.data.view(torch.uint8).flatten(), qs.absmax, qs.code, qs.blocksize, qs.shape.numel(), qs.dtype, **nested)
+    flat = dequantize(weight.data.view(torch.uint8).flatten(), qs.absmax, qs.code, qs.blocksize, qs.shape.numel(), qs.dtype,
+                      **_nested(qs))
     return flat.view(qs.shape)
+
+def nf4_scales(weight) -> torch.Tensor:
+    "The fp32 scale of every block of an NF4 weight, flat, double quantization undone."
+    qs = weight.quant_state
+    return _absmax(qs.absmax, **_nested(qs))
+
+def _nested(qs) -> dict:
+    "The double-quantization tensors of an NF4 quant state, as `_dequantize_nf4` and `_absmax` take them."
+    if qs.quant_type != "nf4": raise NotImplementedError(f"multilora reads NF4 weights, not {qs.quant_type!r}")
+    return dict(absmax_code=qs.state2.code, absmax_scale=qs.state2.absmax, absmax_blocksize=qs.state2.blocksize,
+                offset=qs.offset) if qs.nested else {}
 
 # %% ../nbs/07a_fast_engine.ipynb #84bf98d4
 SUPPORTED_MODELS = ("llama", "mistral", "qwen2")
@@ -154,8 +168,8 @@ class FastLoRA:
         self.onehot_buf = torch.zeros(self.max_batch_size, max(1, len(self.names)), dtype=self.dtype, device=self.device)
         self.graphs.clear()
 
-# %% ../nbs/07a_fast_engine.ipynb #76009e65
-DEQUANTIZE = ("auto", "bnb", "torch", "compiled")
+# %% ../nbs/07a_fast_engine.ipynb #643337be
+DEQUANTIZE = ("auto", "bnb", "torch", "compiled", "fused", "dense")
 
 def _set_dequantize(self: FastLoRA, dequantize: str):
     if dequantize not in DEQUANTIZE: raise ValueError(f"dequantize must be one of {DEQUANTIZE}, not {dequantize!r}")
@@ -164,28 +178,60 @@ def _set_dequantize(self: FastLoRA, dequantize: str):
         else:
             try: import triton; dequantize = "compiled"
             except ImportError: dequantize = "torch"
-    self.dequantize, self._dense = dequantize, {"torch": _dequantize_nf4}.get(dequantize)
+    self.dequantize, self._dense, self._fused, self._dense_w = dequantize, _dequantize_nf4, {}, {}
     self._nf4 = set() if dequantize == "bnb" else {m for m in self.base.modules() if is_nf4(m)}   # found once, not per call
-    if dequantize != "compiled": return
-    self._dense = torch.compile(_dequantize_nf4, dynamic=False)
+    if dequantize == "dense":
+        self._dense_w = {m: nf4_dequantize(m.weight).to(m.compute_dtype or self.dtype) for m in self._nf4}
+    if dequantize == "compiled" or (dequantize == "fused" and self.device.type == "cuda"): self._compile_dequantize()
+    if self.dequantize == "fused": self._build_fused()
+FastLoRA._set_dequantize = _set_dequantize
+
+def _shapes(self: FastLoRA) -> dict:
+    "One NF4 layer per distinct (shape, dtype): what compiling, tuning and checking need to see."
+    return {(tuple(m.weight.quant_state.shape), m.weight.quant_state.dtype, m.compute_dtype): m for m in self._nf4}
+
+def _compile_dequantize(self: FastLoRA):
+    compiled = torch.compile(_dequantize_nf4, dynamic=False)
     try:
-        seen = set()
-        for m in self._nf4:                                     # compile once per weight shape, now rather than mid-request
-            if (tuple(m.weight.quant_state.shape), m.weight.quant_state.dtype) not in seen:
-                seen.add((tuple(m.weight.quant_state.shape), m.weight.quant_state.dtype))
-                test = nf4_dequantize(m.weight, self._dense)
-                if not torch.equal(test, nf4_dequantize(m.weight)): raise RuntimeError("compiled NF4 dequantization differs from eager")
+        for m in _shapes(self).values():                        # compile once per weight shape, now rather than mid-request
+            if not torch.equal(nf4_dequantize(m.weight, compiled), nf4_dequantize(m.weight)):
+                raise RuntimeError("compiled NF4 dequantization differs from eager")
+        self._dense = compiled
     except Exception as e:
         warnings.warn(f"torch.compile of NF4 dequantization failed ({type(e).__name__}: {e}); using plain torch ops")
-        self.dequantize, self._dense = "torch", _dequantize_nf4
-FastLoRA._set_dequantize = _set_dequantize
+        self.dequantize = "torch"
+FastLoRA._compile_dequantize = _compile_dequantize
+
+def _build_fused(self: FastLoRA):
+    "Wrap every NF4 layer in the fused kernel; tune it for each decode batch bucket and check it against dequantize-then-matmul."
+    try:
+        from multilora.kernels import NF4Matmul, MAX_ROWS, tune
+        fused = {m: NF4Matmul(m) for m in self._nf4}
+        self.kernel_checks = {}
+        for m in _shapes(self).values():
+            op = fused[m]
+            for rows in sorted({min(b, MAX_ROWS) for b in self.batch_buckets}):
+                tune(op, rows)
+                x = torch.randn(rows, op.in_features, device=self.device, dtype=op.dtype)
+                want = F.linear(x, nf4_dequantize(m.weight).to(op.dtype)).float()
+                rel = ((op(x).float() - want).norm() / want.norm().clamp_min(1e-12)).item()
+                self.kernel_checks[(tuple(op.packed.shape), rows)] = rel
+                if not rel <= (1e-4 if op.dtype == torch.float32 else 1e-2):
+                    raise RuntimeError(f"fused NF4 matmul differs from dequantize-then-matmul (relative error {rel:.3g})")
+        self._fused = fused
+    except Exception as e:
+        warnings.warn(f"the fused NF4 matmul is unavailable ({type(e).__name__}: {e}); using {self.dequantize!r} dequantization")
+        self.dequantize = "compiled" if self._dense is not _dequantize_nf4 else "torch"
+FastLoRA._build_fused = _build_fused
 
 def _frozen(self: FastLoRA, module, x: torch.Tensor) -> torch.Tensor:
     "The frozen layer under `module` on `x`, through the engine's NF4 path where it has one."
     lin = base_linear(module)
     if lin not in self._nf4: return lin(x)
     cd = lin.compute_dtype or x.dtype                           # what bitsandbytes' own forward computes in
-    w = nf4_dequantize(lin.weight, self._dense).to(cd)
+    op = self._fused.get(lin)
+    if op is not None and op.fits(x): return op(x).to(x.dtype)                          # decode: the fused kernel
+    w = self._dense_w[lin] if self._dense_w else nf4_dequantize(lin.weight, self._dense).to(cd)
     return F.linear(x.to(cd), w, None if lin.bias is None else lin.bias.to(cd)).to(x.dtype)
 FastLoRA._frozen = _frozen
 
@@ -353,14 +399,16 @@ def sample_next(logits: torch.Tensor, req: GenRequest, generator: torch.Generato
     return int(torch.multinomial(probs.cpu() if generator is not None and generator.device.type == "cpu" else probs, 1,
                                  generator=generator))
 
-# %% ../nbs/07a_fast_engine.ipynb #5dd6e318
+# %% ../nbs/07a_fast_engine.ipynb #bc4fbed7
 def _init_scheduler(self: FastLoRA, tokenizer):
     self.tokenizer = tokenizer
     self.waiting: deque[GenRequest] = deque()
     self.active: dict[int, Sequence] = {}
     self.lock = threading.Lock()                 # guards `waiting` (requests arrive from the event loop's thread)
     self.steps, self.decode_rows = 0, 0
-    self.timing = {"steps_s": 0.0, "prefill_s": 0.0, "decode_s": 0.0, "prefills": 0}   # where the scheduler's time goes
+    self.timing = {"steps_s": 0.0, "prefill_s": 0.0, "decode_s": 0.0, "prefills": 0,   # where the scheduler's time goes
+                   "between_s": 0.0}                                                  # work waiting, but no step running
+    self._pending_since = None
 FastLoRA.init_scheduler = _init_scheduler
 
 def add(self: FastLoRA, req: GenRequest):
@@ -382,7 +430,7 @@ FastLoRA.check_request = check_request
 def busy(self: FastLoRA) -> bool: return bool(self.active or self.waiting)
 FastLoRA.busy = busy
 
-# %% ../nbs/07a_fast_engine.ipynb #7595b542
+# %% ../nbs/07a_fast_engine.ipynb #839b13bd
 def _next_tokens(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
     "Row i's next token for `seqs[i]`: one argmax and one device-to-host copy for all greedy rows, `sample_next` for the rest."
     greedy = logits.argmax(-1).tolist()
@@ -429,6 +477,7 @@ FastLoRA._push = _push
 def step(self: FastLoRA) -> list[tuple[GenRequest, GenResult | BaseException]]:
     "Admit, prefill, and decode one token for every active sequence; the requests that finished."
     done, t0 = [], time.perf_counter()
+    if self._pending_since is not None: self.timing["between_s"] += t0 - self._pending_since
     self._admit(done)
     if self.active:
         seqs = list(self.active.values())
@@ -440,7 +489,9 @@ def step(self: FastLoRA) -> list[tuple[GenRequest, GenResult | BaseException]]:
         for s, t in zip(seqs, tokens):
             s.position += 1
             self._push(s, t, done)
-    self.timing["steps_s"] += time.perf_counter() - t0
+    t1 = time.perf_counter()
+    self.timing["steps_s"] += t1 - t0
+    self._pending_since = t1 if self.busy else None
     return done
 FastLoRA.step = step
 
@@ -460,13 +511,14 @@ def generate_texts(self: FastLoRA, prompts: list[str], adapters: list[str] | Non
     return [out[r.id] for r in reqs]
 FastLoRA.generate_texts = generate_texts
 
-# %% ../nbs/07a_fast_engine.ipynb #d2dcd97f
+# %% ../nbs/07a_fast_engine.ipynb #d5b6c0bd
 class FastEngine(Engine):
     "Continuous batching over `FastLoRA`: requests join between decode steps; CUDA graphs on a GPU."
     kind = "fast"
     def __init__(self, model, tokenizer, max_batch_size: int = 32, max_len: int = 1024, cuda_graphs: bool | None = None,
-                 dequantize: str = "auto", capture: bool = True, **kw):
+                 dequantize: str = "auto", capture: bool = True, burst_s: float = 0.05, **kw):
         super().__init__(model, tokenizer, **kw)
+        self.burst_s = burst_s                       # steps per hand-off to the model thread: at most this long
         self.fast = FastLoRA(model, max_batch_size=max_batch_size, max_len=max_len, cuda_graphs=cuda_graphs, dequantize=dequantize)
         self.fast.init_scheduler(tokenizer)
         if capture: self.fast.capture_graphs()       # at start-up, not in the first requests' time (no-op without graphs)
@@ -498,7 +550,7 @@ class FastEngine(Engine):
         finally: self.futures.pop(req.id, None)
         return self._finish(req, out)
 
-# %% ../nbs/07a_fast_engine.ipynb #c6aabcee
+# %% ../nbs/07a_fast_engine.ipynb #81e5bcb9
 def _step_safely(self: FastEngine) -> list:
     "One scheduler step on the model thread; if it raises, fail the requests it held and free their slots."
     try: return self.fast.step()
@@ -508,19 +560,33 @@ def _step_safely(self: FastEngine) -> list:
         return failed
 FastEngine._step_safely = _step_safely
 
+def _steps(self: FastEngine, loop: asyncio.AbstractEventLoop):
+    "Steps on the model thread, back to back for up to `burst_s` while there is work; results go to the event loop per step."
+    end = time.perf_counter() + self.burst_s
+    while True:
+        done = self._step_safely()
+        loop.call_soon_threadsafe(self._deliver, done, len(self.fast.active))
+        if not self.fast.busy or time.perf_counter() >= end: return
+FastEngine._steps = _steps
+
+def _deliver(self: FastEngine, done: list, batch: int):
+    "On the event loop: record one step's batch size and resolve the requests it finished."
+    self.in_flight = batch
+    if batch: self.metrics.batch_sizes.observe(batch)
+    for req, out in done:
+        fut = self.futures.get(req.id)
+        if fut is None or fut.done(): continue
+        if isinstance(out, BaseException): fut.set_exception(out)
+        else: fut.set_result(out)
+FastEngine._deliver = _deliver
+
 async def _loop(self: FastEngine):
+    loop = asyncio.get_running_loop()
     while True:
         if not self.fast.busy:
             self.wake.clear()
             if not self.fast.busy: await self.wake.wait()
-        done = await self.in_model_thread(self._step_safely)
-        self.in_flight = len(self.fast.active)
-        if self.fast.active: self.metrics.batch_sizes.observe(len(self.fast.active))
-        for req, out in done:
-            fut = self.futures.get(req.id)
-            if fut is None or fut.done(): continue
-            if isinstance(out, BaseException): fut.set_exception(out)
-            else: fut.set_result(out)
+        await self.in_model_thread(self._steps, loop)
 FastEngine._loop = _loop
 
 async def _stop(self: FastEngine):

@@ -733,7 +733,7 @@ def serve(adapters: str | os.PathLike, engine: str = "batched", host: str = "127
         warnings.warn(f"Serving on {host} without an API key: anyone who can reach it can use it and load adapters")
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=60)
 
-# %% ../nbs/07_server.ipynb #cfe54b9e
+# %% ../nbs/07_server.ipynb #49b1af1d
 async def _bench_level(url: str, models: list[str], concurrency: int, n_requests: int, max_new_tokens: int,
                        prompts: list[str], api_key: str | None = None, ignore_eos: bool = False) -> dict:
     "`concurrency` clients send `n_requests` completions in all; throughput and latency."
@@ -846,5 +846,6 @@ def format_bench(results: dict) -> str:
         if k.endswith(" timing") and t["steps_s"]:
             host = t["steps_s"] - t["prefill_s"] - t["decode_s"]
             lines.append(f"{k[:-7]} scheduler time {t['steps_s']:.1f}s = prefill {t['prefill_s']:.1f}s ({t['prefills']} calls) + decode "
-                         f"{t['decode_s']:.1f}s ({t['decode_steps']} steps, {t['decode_s'] / max(1, t['decode_steps']) * 1e3:.1f} ms each) + host {host:.1f}s")
+                         f"{t['decode_s']:.1f}s ({t['decode_steps']} steps, {t['decode_s'] / max(1, t['decode_steps']) * 1e3:.1f} ms each) + host {host:.1f}s"
+                         + (f"; between steps {t['between_s']:.1f}s" if "between_s" in t else ""))
     return "\n".join(lines)

@@ -1,4 +1,4 @@
-"Diagnose the fast engine on a GPU: each NF4 path (bitsandbytes, plain torch, compiled), graph capture, step times, memory."
+"Diagnose the fast engine on a GPU: each NF4 path (bitsandbytes, plain torch, compiled, fused, dense), graph capture, step times, memory."
 import faulthandler, gc, sys, time, torch, warnings
 faulthandler.dump_traceback_later(int(sys.argv[2]) if len(sys.argv) > 2 else 300, exit=True)
 from multilora.model import load_base_model
@@ -13,7 +13,12 @@ names = ["summarization", "sql_generation", BASE, "sql_generation"]
 for mode in sys.argv[3].split(",") if len(sys.argv) > 3 else ("compiled", "torch", "bnb"):
     t0 = time.time()
     f = FastLoRA(model, max_batch_size=64, max_len=256, dequantize=mode); f.init_scheduler(tok)
-    print(f"== {mode}: built in {time.time() - t0:.1f}s (dequantize={f.dequantize})", flush=True)
+    print(f"== {mode}: built in {time.time() - t0:.1f}s (dequantize={f.dequantize}); {torch.cuda.memory_allocated() / 2**30:.2f} GB",
+          flush=True)
+    if getattr(f, "kernel_checks", None):
+        from multilora.kernels import _BEST
+        print(f"  kernel checks (relative error): { {k: f'{v:.1e}' for k, v in f.kernel_checks.items()} }")
+        print(f"  tuned tilings: { {k[:3]: str(v) for k, v in _BEST.items()} }", flush=True)
     for n, adapters in ((1, names), (64, names), (64, [BASE])):
         t0 = time.time()
         res = f.generate_texts([prompts[i % 4] for i in range(n)], [adapters[i % len(adapters)] for i in range(n)], max_new_tokens=64,
@@ -31,7 +36,7 @@ for mode in sys.argv[3].split(",") if len(sys.argv) > 3 else ("compiled", "torch
     torch.cuda.synchronize(); ms = (time.time() - t0) / 20 * 1e3
     print(f"  decode step, batch 64: {ms:.2f} ms -> {64 / ms * 1e3:.0f} tok/s; peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GB",
           flush=True)
-    if mode == "compiled":   # where an eager decode step's time goes (the graphs hide it; this says what they hide)
+    if mode in ("compiled", "fused"):   # where an eager decode step's time goes (the graphs hide it; this says what they hide)
         from torch.profiler import profile, ProfilerActivity
         graphs, f.cuda_graphs = f.cuda_graphs, False
         f.decode(*args); torch.cuda.synchronize(); t0 = time.time(); f.decode(*args); torch.cuda.synchronize()

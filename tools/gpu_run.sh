@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU runs behind the committed benchmark tables (nbs/benchmarks/*_h200.json), as run through the `device` tool.
 # Usage (repo root, with the wheels of ../shared/device-wheels.sh in .whl/ and a tokenizer folder in .devtok/):
-#   bash tools/gpu_run.sh STAGE...    stages: cudatest serve servefast train ddp diag profile
+#   bash tools/gpu_run.sh STAGE...    stages: cudatest kernels serve servefast train ddp diag profile
 # Results go to $OUT (or ./gpu-out). No hub is reachable there: every model is random weights of a real shape.
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu-out}; mkdir -p "$OUT"
@@ -17,11 +17,13 @@ for stage in "$@"; do
   case $stage in
     cudatest)  # the notebooks' GPU cells, on a random model of the embedded model's shape
       model smollm2-135m
-      MULTILORA_MODEL=/tmp/smollm2-135m nbdev_test --flags cuda --path nbs/07a_fast_engine.ipynb 2>&1 | tee "$OUT/cudatest.txt" ;;
+      MULTILORA_MODEL=/tmp/smollm2-135m nbdev_test --flags cuda --n_workers 1 --file_re "${CUDATEST_RE:-^07[ab]_.*\.ipynb$}" 2>&1 | tee "$OUT/cudatest.txt" ;;
+    kernels)   # one NF4 layer of each 7B projection shape, four ways, at decode sizes
+      ml bench kernels --shape ${KERNEL_SHAPE:-llama-2-7b} --rows 1,16,32,64 --json "$OUT/kernels_h200.json" 2>&1 | tee "$OUT/kernels.log" ;;
     serve|servefast)  # serve: the engines side by side; servefast: the fast engine with adapters against base-only, same engine
       model llama-2-7b
       [ -d /tmp/adapters7b ] || ml bench adapters --base /tmp/llama-2-7b --out /tmp/adapters7b
-      if [ "$stage" = servefast ]; then args="--engines fast --base-only"; name=serve_fast_h200
+      if [ "$stage" = servefast ]; then args="--engines fast --base-only --dequantize ${DEQUANTIZE:-auto}"; name=serve_fast_h200${DEQUANTIZE:+_$DEQUANTIZE}
       else args="--engines ${ENGINES:-locked,batched,fast} --locked-max-concurrency 8"; name=serve_h200; fi
       ml bench serve --base /tmp/llama-2-7b --adapters /tmp/adapters7b $args --concurrency ${CONC:-1,8,32,64} --max-new-tokens 64 \
         --prompt-tokens 128 --max-batch-size 64 --max-len 256 --json "$OUT/$name.json" 2>&1 | grep --line-buffered -v "Loading weights" | tee "$OUT/$name.log" ;;
