@@ -65,3 +65,17 @@ def test_a_failing_prefill_fails_only_its_requests(make_server):
     r = complete(url, "alpha", max_tokens=3)                     # answered (500), not left waiting forever
     assert r.status_code == 500 and eng.fast.active == {}
     assert complete(url, "beta", max_tokens=3).json()["choices"][0]["text"] == " beta beta beta"
+
+def test_a_burst_answers_each_request_when_its_own_last_step_ends(make_server):
+    "Steps run in bursts on the model thread, but a short request is answered after its own last step, not at the burst's end."
+    url, eng = make_server("fast", max_batch_size=4, burst_s=600.0)        # one burst covers the whole run
+    async def go():
+        async with httpx.AsyncClient(base_url=url, timeout=300) as c:
+            async def ask(n):
+                r = await c.post("/v1/completions", json={"model": "alpha", "prompt": "Hi", "max_tokens": n, "temperature": 0})
+                return r, eng.fast.steps                                   # decode steps run when the answer arrived
+            return await asyncio.gather(ask(2), ask(40))
+    (short, steps_short), (long, steps_long) = asyncio.run(go())
+    assert short.json()["choices"][0]["text"] == " alpha alpha" and long.json()["usage"]["completion_tokens"] == 40
+    assert steps_long >= 39 and steps_short < steps_long / 2, (steps_short, steps_long)
+    assert eng.fast.active == {} and not eng.fast.waiting
