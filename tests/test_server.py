@@ -137,7 +137,8 @@ def test_queue_overflow(make_server):
     url, eng = make_server("batched", max_batch_size=1, max_queue=2)
     rs = asyncio.run(burst(url, [{"model": "alpha", "prompt": "Hi", "max_tokens": 6} for _ in range(12)]))
     codes = [r.status_code for r in rs]
-    assert set(codes) == {200, 503} and codes.count(200) >= 3, codes
+    # the queue always holds max_queue=2; whether a third is already running when the burst arrives is a race
+    assert set(codes) == {200, 503} and codes.count(200) >= 2, codes
     assert all(r.headers.get("retry-after") for r in rs if r.status_code == 503)
     assert all(r.json()["choices"][0]["text"] == " alpha" * 6 for r in rs if r.status_code == 200)
     assert httpx.get(url + "/health").json()["status"] == "ok"
