@@ -91,7 +91,7 @@ def _cmd_serve(args):
           adapter_root=args.adapter_root,
           **({"max_len": args.max_len, "dequantize": args.dequantize} if args.engine == "fast" else {}))
 
-# %% ../nbs/09_cli.ipynb #655f1f07
+# %% ../nbs/09_cli.ipynb #340aacbe
 def _cmd_bench(args):
     "Benchmarks (`serve`, `train`, `kernels`) and their inputs (`model`: a random-weights model of a real shape; `adapters`: random adapters)."
     if args.suite == "serve":
@@ -101,7 +101,8 @@ def _cmd_bench(args):
                     max_new_tokens=args.max_new_tokens, max_batch_size=args.max_batch_size, base_model=args.base,
                     output=args.json or "bench_serve.json", base_only=args.base_only, prompt_tokens=args.prompt_tokens,
                     requests_per_level=args.requests, max_concurrency={"locked": args.locked_max_concurrency},
-                    engine_kw={"fast": {"max_len": args.max_len, "dequantize": args.dequantize}})
+                    engine_kw={"fast": {"max_len": args.max_len, "dequantize": args.dequantize}}, clients=args.clients,
+                    waves=args.waves)
     elif args.suite == "train":
         from multilora.bench import bench_train
         bench_train(args.base, steps=args.steps, batch_size=args.batch_size, output=args.json or "bench_train.json")
@@ -129,7 +130,7 @@ def _add_serving_args(p):
     p.add_argument("--base", default=None, help="base model folder or hub id (default: the embedded model)")
     p.add_argument("--max-batch-size", type=int, default=16)
 
-# %% ../nbs/09_cli.ipynb #aea46e5a
+# %% ../nbs/09_cli.ipynb #e2e1ae91
 def build_parser() -> argparse.ArgumentParser:
     "The `multilora` argument parser, one subcommand per chapter."
     p = argparse.ArgumentParser(prog="multilora", description="Train many LoRA adapters on one 4-bit base model and serve them all from it.")
@@ -186,11 +187,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--concurrency", default="1,4,8,16")
     b.add_argument("--max-new-tokens", type=int, default=16)
     b.add_argument("--prompt-tokens", type=int, default=None, help="serve: stretch prompts to about this many tokens")
-    b.add_argument("--requests", type=int, default=None, help="serve: requests per concurrency level (default 2x concurrency)")
+    b.add_argument("--requests", type=int, default=None, help="serve: requests per concurrency level (default: waves x concurrency)")
+    b.add_argument("--waves", type=int, default=2, help="serve: requests per client at each level, when --requests is not given")
     b.add_argument("--base-only", action="store_true", help="serve: also run every engine with the base model alone")
     b.add_argument("--locked-max-concurrency", type=int, default=16, help="serve: skip higher levels for the (slow) locked engine")
     b.add_argument("--max-len", type=int, default=1024, help="serve: the fast engine's KV cache length")
     b.add_argument("--dequantize", default="auto", help="serve: how the fast engine runs NF4 layers")
+    b.add_argument("--clients", default="process", choices=["process", "thread"],
+                   help="serve: run the load generator in its own process (default) or in a thread of the server's process")
     b.add_argument("--steps", type=int, default=20, help="train: steps per loop")
     b.add_argument("--batch-size", type=int, default=16, help="train: examples per step")
     b.add_argument("--shape", default="tiny", help="model/kernels: llama-2-7b, llama-3.2-1b, smollm2-135m or tiny")

@@ -17,8 +17,8 @@ from .fast import is_nf4, nf4_dequantize, nf4_scales
 try: import triton, triton.language as tl
 except ImportError: triton = tl = None
 
-# %% ../nbs/07b_nf4_kernel.ipynb #5a286c62
-def _nf4_matmul_kernel(x_ptr, w_ptr, s_ptr, code_ptr, y_ptr, M, N, K, stride_xm, stride_ym, stride_ys,
+# %% ../nbs/07b_nf4_kernel.ipynb #93b0e2b9
+def _nf4_matmul_kernel(x_ptr, w_ptr, s_ptr, code_ptr, y_ptr, M, N, K: tl.constexpr, stride_xm, stride_ym, stride_ys,
                        BLOCKSIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                        SPLIT_K: tl.constexpr, IEEE: tl.constexpr):
     "y[split] = x @ W.T over this program's share of K, with W read as NF4 bytes and dequantized in registers."
@@ -27,7 +27,7 @@ def _nf4_matmul_kernel(x_ptr, w_ptr, s_ptr, code_ptr, y_ptr, M, N, K, stride_xm,
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rj = tl.arange(0, BLOCK_K // 2)                       # byte j of the tile: weights 2j (high nibble) and 2j + 1 (low)
     acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
-    for k0 in range(0, K, BLOCK_K * SPLIT_K):            # (loop bounds free of program ids: older interpreters need ints)
+    for k0 in range(0, K, BLOCK_K * SPLIT_K):            # K is a constexpr: Triton 3.6's interpreter needs int loop bounds
         kk = k0 + pid_s * BLOCK_K + 2 * rj                # the even weight of each byte
         xmask = (rm[:, None] < M) & (kk[None, :] < K)
         x_even = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=xmask, other=0.0)

@@ -13,12 +13,12 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Literal
 
 # %% auto #0
-__all__ = ['BASE', 'log', 'LATENCY_BUCKETS', 'BATCH_BUCKETS', 'MAX_STOP', 'ENGINES', 'marker_adapters', 'load_for_serving',
-           'ServerError', 'UnknownAdapter', 'QueueFull', 'BadRequest', 'GenRequest', 'GenResult', 'RowTracker',
-           'generate_rows', 'Histogram', 'Metrics', 'resolve_adapter_path', 'Engine', 'LockedEngine', 'BatchedEngine',
-           'GenerateBody', 'CompletionBody', 'ChatMessage', 'ChatBody', 'LoadLoraBody', 'UnloadLoraBody',
-           'GuardMiddleware', 'create_app', 'free_port', 'BackgroundServer', 'make_engine', 'serve', 'bench_serve',
-           'bench_prompts', 'format_bench']
+__all__ = ['BASE', 'log', 'LATENCY_BUCKETS', 'BATCH_BUCKETS', 'MAX_STOP', 'ENGINES', 'CLIENTS', 'marker_adapters',
+           'load_for_serving', 'ServerError', 'UnknownAdapter', 'QueueFull', 'BadRequest', 'GenRequest', 'GenResult',
+           'RowTracker', 'generate_rows', 'Histogram', 'Metrics', 'resolve_adapter_path', 'Engine', 'LockedEngine',
+           'BatchedEngine', 'GenerateBody', 'CompletionBody', 'ChatMessage', 'ChatBody', 'LoadLoraBody',
+           'UnloadLoraBody', 'GuardMiddleware', 'create_app', 'free_port', 'BackgroundServer', 'make_engine', 'serve',
+           'bench_serve', 'bench_prompts', 'format_bench']
 
 # %% ../nbs/07_server.ipynb #39634db4
 import torch
@@ -733,7 +733,7 @@ def serve(adapters: str | os.PathLike, engine: str = "batched", host: str = "127
         warnings.warn(f"Serving on {host} without an API key: anyone who can reach it can use it and load adapters")
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=60)
 
-# %% ../nbs/07_server.ipynb #49b1af1d
+# %% ../nbs/07_server.ipynb #ca648b1c
 async def _bench_level(url: str, models: list[str], concurrency: int, n_requests: int, max_new_tokens: int,
                        prompts: list[str], api_key: str | None = None, ignore_eos: bool = False) -> dict:
     "`concurrency` clients send `n_requests` completions in all; throughput and latency."
@@ -755,20 +755,34 @@ async def _bench_level(url: str, models: list[str], concurrency: int, n_requests
         await asyncio.gather(*[worker() for _ in range(concurrency)])
         wall = time.perf_counter() - t0
     q = statistics.quantiles(lat, n=20, method="inclusive") if len(lat) > 1 else lat * 19
-    return {"concurrency": concurrency, "requests": len(lat), "errors": errors, "wall_s": round(wall, 3),
+    return {"concurrency": concurrency, "requests": len(lat), "errors": errors, "wall_s": round(wall, 3), "started": round(t0, 4),
             "requests_per_s": round(len(lat) / wall, 3), "tokens_per_s": round(toks / wall, 3),
             "p50_latency_s": round(statistics.median(lat), 3), "p95_latency_s": round(q[18], 3)}
+
+def _bench_level_sync(*args, **kw) -> dict:
+    "`_bench_level` run to its end: the body of the benchmark's client process."
+    return asyncio.run(_bench_level(*args, **kw))
+
+CLIENTS = ("process", "thread")
 
 def bench_serve(adapters: str | os.PathLike | None = None, engines: tuple[str, ...] = ("locked", "batched"),
                 concurrency: tuple[int, ...] = (1, 4, 8, 16), max_new_tokens: int = 16, requests_per_level: int | None = None,
                 max_batch_size: int = 16, base_model: str | None = None, quantization: str = "nf4",
                 output: str | os.PathLike | None = "bench_serve.json", include_base: bool = True, verbose: bool = True,
                 base_only: bool = False, ignore_eos: bool = True, prompt_tokens: int | None = None,
-                max_concurrency: dict[str, int] | None = None, engine_kw: dict | None = None) -> dict:
+                max_concurrency: dict[str, int] | None = None, engine_kw: dict | None = None, clients: str = "process",
+                waves: int = 2) -> dict:
     "Benchmark the engines side by side over HTTP on loopback: requests/s, tokens/s, p50/p95 latency per concurrency."
     unknown = set(engines) - set(ENGINES) - {"fast"}
     if unknown: raise ValueError(f"Unknown engine(s) {sorted(unknown)}; choose from {', '.join(sorted(set(ENGINES) | {'fast'}))}")
-    tmp = None
+    if clients not in CLIENTS: raise ValueError(f"clients must be one of {CLIENTS}, not {clients!r}")
+    tmp, pool = None, None
+    if clients == "process":   # the load generator in a process of its own, so it does not take the server's GIL
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+        pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+        from multilora.server import _bench_level_sync as client   # by its module path, which the spawned process imports
+    level = (lambda *a, **kw: pool.submit(client, *a, **kw).result()) if pool else _bench_level_sync
     if adapters is None:   # marker adapters never emit EOS, so every request generates exactly max_new_tokens
         tmp = tempfile.mkdtemp(prefix="multilora-bench-")
         from multilora.model import load_tokenizer
@@ -781,7 +795,7 @@ def bench_serve(adapters: str | os.PathLike | None = None, engines: tuple[str, .
                               "prompt_tokens": [len(tok(p)["input_ids"]) for p in prompts], "ignore_eos": ignore_eos,
                               "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                               "device": str(model.device), "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-                              "engine_kw": engine_kw or {}}, "engines": {}}
+                              "engine_kw": engine_kw or {}, "clients": clients}, "engines": {}}
         runs = [r for e in engines for r in [(e, models)] + ([(f"{e}/base", [name])] if base_only and e != "locked" else [])]
         for label, served in runs:
             e = label.split("/")[0]
@@ -789,16 +803,17 @@ def bench_serve(adapters: str | os.PathLike | None = None, engines: tuple[str, .
                               **(engine_kw or {}).get(e, {}))
             rows = []
             with BackgroundServer(create_app(eng, max_new_tokens=max(1024, max_new_tokens))) as url:
-                asyncio.run(_bench_level(url, served, min(max(concurrency), max_batch_size), min(max(concurrency), max_batch_size),
-                                         2, prompts, ignore_eos=ignore_eos))   # warm-up (and CUDA graph capture)
+                level(url, served, min(max(concurrency), max_batch_size), min(max(concurrency), max_batch_size),
+                      2, prompts, ignore_eos=ignore_eos)   # warm-up (and CUDA graph capture)
                 for c in concurrency:
                     if c > (max_concurrency or {}).get(e, c): continue
-                    n = requests_per_level or max(2 * c, 4)
-                    rows.append(asyncio.run(_bench_level(url, served, c, n, max_new_tokens, prompts, ignore_eos=ignore_eos)))
+                    n = requests_per_level or max(waves * c, 4)   # each client sends `waves` requests
+                    rows.append(level(url, served, c, n, max_new_tokens, prompts, ignore_eos=ignore_eos))
                     if verbose: print(f"{label:>12} c={c:<3} {rows[-1]['tokens_per_s']:9.2f} tok/s  p95 {rows[-1]['p95_latency_s']:.2f}s", flush=True)
             results["engines"][label] = rows
             if hasattr(eng, "fast"): results["config"][f"{label} cuda_graphs"] = eng.fast.cuda_graphs or eng.fast.graph_error
             if hasattr(eng, "fast"): results["config"][f"{label} timing"] = {**eng.fast.timing, "decode_steps": eng.fast.steps}
+            if hasattr(eng, "fast"): results["config"][f"{label} trace"] = list(eng.fast.trace)   # per step, for plots
             if output is not None: Path(output).write_text(json.dumps(results, indent=2))   # partial results survive a kill
             del eng
             if torch.cuda.is_available(): torch.cuda.empty_cache()
@@ -807,6 +822,7 @@ def bench_serve(adapters: str | os.PathLike | None = None, engines: tuple[str, .
         return results
     finally:
         if tmp: shutil.rmtree(tmp, ignore_errors=True)
+        if pool: pool.shutdown()
 
 def bench_prompts(tokenizer, prompt_tokens: int | None = None) -> list[str]:
     "The benchmark's prompts, each stretched to about `prompt_tokens` tokens when given."
@@ -845,7 +861,8 @@ def format_bench(results: dict) -> str:
     for k, t in results["config"].items():
         if k.endswith(" timing") and t["steps_s"]:
             host = t["steps_s"] - t["prefill_s"] - t["decode_s"]
-            lines.append(f"{k[:-7]} scheduler time {t['steps_s']:.1f}s = prefill {t['prefill_s']:.1f}s ({t['prefills']} calls) + decode "
+            lines.append(f"{k[:-7]} scheduler time {t['steps_s']:.1f}s = prefill {t['prefill_s']:.1f}s ({t['prefills']} calls"
+                         + (f", {t['prefill_tokens'] / max(t['prefill_s'], 1e-9):,.0f} prompt tokens/s" if "prefill_tokens" in t else "") + ") + decode "
                          f"{t['decode_s']:.1f}s ({t['decode_steps']} steps, {t['decode_s'] / max(1, t['decode_steps']) * 1e3:.1f} ms each) + host {host:.1f}s"
                          + (f"; between steps {t['between_s']:.1f}s" if "between_s" in t else ""))
     return "\n".join(lines)

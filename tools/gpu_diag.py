@@ -36,13 +36,25 @@ for mode in sys.argv[3].split(",") if len(sys.argv) > 3 else ("compiled", "torch
     torch.cuda.synchronize(); ms = (time.time() - t0) / 20 * 1e3
     print(f"  decode step, batch 64: {ms:.2f} ms -> {64 / ms * 1e3:.0f} tok/s; peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GB",
           flush=True)
-    if mode in ("compiled", "fused"):   # where an eager decode step's time goes (the graphs hide it; this says what they hide)
+    one = ({0: args[0][0]}, {0: args[1][0]}, {0: 0})
+    f.decode(*one); torch.cuda.synchronize(); t0 = time.time()
+    for _ in range(20): f.decode(*one)
+    torch.cuda.synchronize(); print(f"  decode step, batch 1: {(time.time() - t0) / 20 * 1e3:.2f} ms", flush=True)
+    for B in (8, 64):   # a prefill of B prompts of 128 tokens, alone (no server around it)
+        f.prefill([ids[i % 4] for i in range(B)], list(range(B)), [i % 3 - 1 for i in range(B)]); torch.cuda.synchronize(); t0 = time.time()
+        for _ in range(3): f.prefill([ids[i % 4] for i in range(B)], list(range(B)), [i % 3 - 1 for i in range(B)])
+        torch.cuda.synchronize(); dt = (time.time() - t0) / 3
+        print(f"  prefill of {B} x {len(ids[0])} tokens: {dt * 1e3:.1f} ms -> {B * len(ids[0]) / dt:,.0f} prompt tokens/s", flush=True)
+    if mode in ("compiled", "fused", "dense"):   # where an eager decode step's time goes (the graphs hide it; this says what they hide)
         from torch.profiler import profile, ProfilerActivity
         graphs, f.cuda_graphs = f.cuda_graphs, False
         f.decode(*args); torch.cuda.synchronize(); t0 = time.time(); f.decode(*args); torch.cuda.synchronize()
         print(f"  eager decode step, batch 64: {(time.time() - t0) * 1e3:.1f} ms", flush=True)
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof: f.decode(*args); torch.cuda.synchronize()
         print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=15, max_name_column_width=50), flush=True)
+        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        print(f"  eager decode step, batch 64: {len(kernels)} GPU kernels, {sum(e.device_time for e in kernels) / 1e3:.1f} ms of kernel time",
+              flush=True)
         f.cuda_graphs = graphs
     print(f"  scheduler timing: { {k: round(v, 3) for k, v in f.timing.items()} }, decode steps {f.steps}", flush=True)
     del f; gc.collect(); torch.cuda.empty_cache()
