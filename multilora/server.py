@@ -733,7 +733,7 @@ def serve(adapters: str | os.PathLike, engine: str = "batched", host: str = "127
         warnings.warn(f"Serving on {host} without an API key: anyone who can reach it can use it and load adapters")
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=60)
 
-# %% ../nbs/07_server.ipynb #ca648b1c
+# %% ../nbs/07_server.ipynb #b295c7c4
 async def _bench_level(url: str, models: list[str], concurrency: int, n_requests: int, max_new_tokens: int,
                        prompts: list[str], api_key: str | None = None, ignore_eos: bool = False) -> dict:
     "`concurrency` clients send `n_requests` completions in all; throughput and latency."
@@ -812,6 +812,7 @@ def bench_serve(adapters: str | os.PathLike | None = None, engines: tuple[str, .
                     if verbose: print(f"{label:>12} c={c:<3} {rows[-1]['tokens_per_s']:9.2f} tok/s  p95 {rows[-1]['p95_latency_s']:.2f}s", flush=True)
             results["engines"][label] = rows
             if hasattr(eng, "fast"): results["config"][f"{label} cuda_graphs"] = eng.fast.cuda_graphs or eng.fast.graph_error
+            if hasattr(eng, "fast"): results["config"][f"{label} dequantize"] = eng.fast.dequantize     # the path it ran, after any fallback
             if hasattr(eng, "fast"): results["config"][f"{label} timing"] = {**eng.fast.timing, "decode_steps": eng.fast.steps}
             if hasattr(eng, "fast"): results["config"][f"{label} trace"] = list(eng.fast.trace)   # per step, for plots
             if output is not None: Path(output).write_text(json.dumps(results, indent=2))   # partial results survive a kill
@@ -859,6 +860,9 @@ def format_bench(results: dict) -> str:
             if b and r["tokens_per_s"]:
                 lines.append(f"concurrency {c:>2}: {e} adapter overhead = base-only/adapters tokens/s = {b['tokens_per_s'] / r['tokens_per_s']:.2f}x")
     for k, t in results["config"].items():
+        if k.endswith(" dequantize"):     # a fallback (say, a failed compile) changes every figure: say so beside them
+            asked = results["config"].get("engine_kw", {}).get(k.split(" ")[0].split("/")[0], {}).get("dequantize", "auto")
+            lines.append(f"{k[:-11]} NF4 path: {t}" + (f" (asked for {asked!r}: it fell back)" if asked not in ("auto", t) else ""))
         if k.endswith(" timing") and t["steps_s"]:
             host = t["steps_s"] - t["prefill_s"] - t["decode_s"]
             lines.append(f"{k[:-7]} scheduler time {t['steps_s']:.1f}s = prefill {t['prefill_s']:.1f}s ({t['prefills']} calls"
