@@ -23,10 +23,10 @@ for stage in "$@"; do
     serve|servefast)  # serve: the engines side by side; servefast: the fast engine with adapters against base-only, same engine
       model llama-2-7b
       [ -d /tmp/adapters7b ] || ml bench adapters --base /tmp/llama-2-7b --out /tmp/adapters7b
-      if [ "$stage" = servefast ]; then args="--engines fast --base-only --dequantize ${DEQUANTIZE:-auto}"; name=serve_fast_h200${DEQUANTIZE:+_$DEQUANTIZE}${SUFFIX:-}
-      else args="--engines ${ENGINES:-locked,batched,fast} --locked-max-concurrency 8"; name=serve_h200; fi
+      if [ "$stage" = servefast ]; then args="--engines fast --base-only --dequantize ${DEQUANTIZE:-auto}"; name=serve_fast_h200${DEQUANTIZE:+_$DEQUANTIZE}${SUFFIX:-}; waves=${WAVES:-5}
+      else args="--engines ${ENGINES:-locked,batched,fast} --locked-max-concurrency 8"; name=serve_h200; waves=${WAVES:-2}; fi   # locked: ~4 s a request
       ml bench serve --base /tmp/llama-2-7b --adapters /tmp/adapters7b $args --concurrency ${CONC:-1,8,32,64} --max-new-tokens 64 \
-        --prompt-tokens 128 --max-batch-size 64 --max-len 256 ${REQUESTS:+--requests $REQUESTS} --waves ${WAVES:-5} --clients ${CLIENTS:-process} --json "$OUT/$name.json" 2>&1 | grep --line-buffered -v "Loading weights" | tee "$OUT/$name.log" ;;
+        --prompt-tokens 128 --max-batch-size 64 --max-len 256 ${REQUESTS:+--requests $REQUESTS} --waves $waves --clients ${CLIENTS:-process} --json "$OUT/$name.json" 2>&1 | grep --line-buffered -v "Loading weights" | tee "$OUT/$name.log" ;;
     train)
       model llama-2-7b
       ml bench train --base /tmp/llama-2-7b --steps ${STEPS:-20} --batch-size 16 --json "$OUT/train_h200.json" 2>&1 | grep --line-buffered -v "Loading weights\|tokenizing" | tee "$OUT/train.log" ;;
