@@ -4,13 +4,13 @@
 
 # %% ../nbs/10_benchmarks.ipynb #67b92d36
 from __future__ import annotations
-import json, math, os, random, shutil, tempfile, time
+import json, math, os, random, re, shutil, subprocess, sys, tempfile, time
 from dataclasses import replace
 from pathlib import Path
 
 # %% auto #0
 __all__ = ['SHAPES', 'random_model', 'random_adapters', 'seed_train_loop', 'bench_train', 'format_train_bench', 'bench_kernels',
-           'format_kernel_bench']
+           'format_kernel_bench', 'run_tutorial', 'format_tutorial']
 
 # %% ../nbs/10_benchmarks.ipynb #40c49ec5
 import numpy as np
@@ -260,4 +260,70 @@ def format_kernel_bench(res: dict) -> str:
     lines.append(f"all NF4 layers of one decode step ({SHAPES[c['shape']]['num_hidden_layers']} blocks), ms:")
     for n, v in res["per_step_ms"].items():
         lines.append(f"  rows {n:>3}: " + ", ".join(f"{k} {f(x)}" for k, x in v.items()))
+    return "\n".join(lines)
+
+# %% ../nbs/10_benchmarks.ipynb #bdc65eb8
+def _tail(text: str, n: int = 1500) -> str: return text[-n:] if len(text) > n else text
+
+def _run(cmd: list[str], timeout: float, env: dict | None = None) -> tuple[int, float, str]:
+    "Run `cmd`; its exit status, seconds taken and output (a timeout counts as a failure, not a crash)."
+    t0 = time.time()
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+        return p.returncode, time.time() - t0, p.stdout + p.stderr
+    except subprocess.TimeoutExpired as e:
+        return 124, time.time() - t0, f"timed out after {timeout:.0f}s\n" + (e.stdout or b"").decode(errors="replace")[-1500:]
+
+def run_tutorial(notebooks: list[str] | None = None, nbs_dir: str | os.PathLike = "nbs", demo: bool = True,
+                 eval_limit: int | None = None, output: str | os.PathLike | None = "tutorial.json",
+                 flags: str = "cuda", timeout: float = 1800) -> dict:
+    "Run chapters under `nbdev_test --flags cuda`, then `multilora demo` and `multilora eval`; time and record each."
+    out = Path(output) if output else None
+    res = json.loads(out.read_text()) if out and out.exists() else {"notebooks": {}}
+    import transformers, peft
+    res["environment"] = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+                          "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
+                          "model": os.environ.get("MULTILORA_MODEL") or "embedded"}
+    paths = [Path(nbs_dir)/(n if n.endswith(".ipynb") else n + ".ipynb") for n in notebooks] if notebooks is not None \
+            else sorted(Path(nbs_dir).glob("*.ipynb"))
+    def save():
+        if out: out.write_text(json.dumps(res, indent=2))
+    for p in paths:
+        if not p.exists(): raise FileNotFoundError(f"No notebook {p}")
+        rc, s, text = _run(["nbdev_test", "--n_workers", "1", "--flags", flags, "--path", str(p)], timeout)
+        res["notebooks"][p.stem] = {"passed": rc == 0, "seconds": round(s, 1), **({} if rc == 0 else {"error": _tail(text)})}
+        print(f"{p.stem:20} {'pass' if rc == 0 else 'FAIL'} {s:7.0f}s", flush=True)
+        save()
+    if demo:
+        run_dir = Path(tempfile.mkdtemp())/"demo"
+        rc, s, text = _run([sys.executable, "-m", "multilora", "demo", "--output-dir", str(run_dir)], timeout)
+        from multilora.train import read_metrics
+        steps = [r for r in read_metrics(run_dir) if "loss" in r] if (run_dir/"metrics.jsonl").exists() else []
+        losses = {}
+        for t in dict.fromkeys(r["task"] for r in steps):
+            ls = [r["loss"] for r in steps if r["task"] == t and not r["skipped"]]
+            k = max(1, len(ls) // 5)
+            losses[t] = {"updates": len(ls), "first_fifth": sum(ls[:k]) / k, "last_fifth": sum(ls[-k:]) / k}
+        res["demo"] = {"passed": rc == 0, "seconds": round(s, 1), "steps": len(steps), "losses": losses,
+                       **({} if rc == 0 else {"error": _tail(text)})}
+        print(f"{'multilora demo':20} {'pass' if rc == 0 else 'FAIL'} {s:7.0f}s  {losses}", flush=True)
+        save()
+        ev = run_dir/"eval.json"
+        cmd = [sys.executable, "-m", "multilora", "eval", "--adapters", str(run_dir/"adapters"), "--json", str(ev)]
+        rc, s, text = _run(cmd + (["--limit", str(eval_limit)] if eval_limit else []), timeout)
+        scores = json.loads(ev.read_text()) if ev.exists() else {}
+        drop = ("predictions", "ran_on", "per_adapter")
+        res["eval"] = {"passed": rc == 0, "seconds": round(s, 1), "limit": eval_limit, "table": _tail(text, 3000),
+                       "results": {t: {v: {k: x for k, x in m.items() if k not in drop} for v, m in r.items()} for t, r in scores.items()},
+                       **({} if rc == 0 else {"error": _tail(text)})}
+        print(f"{'multilora eval':20} {'pass' if rc == 0 else 'FAIL'} {s:7.0f}s\n{_tail(text, 3000)}", flush=True)
+        save()
+    return res
+
+def format_tutorial(res: dict) -> str:
+    "A plain-text table of a `run_tutorial` record."
+    lines = [f"{'step':22}{'result':>8}{'seconds':>9}"]
+    for n, r in res.get("notebooks", {}).items(): lines.append(f"{n:22}{'pass' if r['passed'] else 'FAIL':>8}{r['seconds']:>9.0f}")
+    for k in ("demo", "eval"):
+        if k in res: lines.append(f"{'multilora ' + k:22}{'pass' if res[k]['passed'] else 'FAIL':>8}{res[k]['seconds']:>9.0f}")
     return "\n".join(lines)

@@ -44,7 +44,7 @@ def _cmd_train(args):
 def _cmd_demo(args):
     "Train both built-in adapters briefly on the embedded model and show the losses fall."
     import shutil
-    from multilora.train import demo_config, run_from_config
+    from multilora.train import demo_config, publish_demo_run, run_from_config
     t0 = time.time()
     cfg = demo_config(args.steps, args.output_dir)
     out = Path(cfg["train"]["output_dir"])
@@ -58,6 +58,7 @@ def _cmd_demo(args):
     _save_plot(trainer, out)
     _print_summary(summary, out, time.time() - t0)
     falling = all(r["last_loss"] < r["first_loss"] for r in summary.values())
+    print(f"cached as the demo adapters that `multilora eval` and `serve` use by default: {publish_demo_run(out, args.steps)}")
     print("training loss fell for every task" if falling else "WARNING: training loss did not fall for every task")
     return 0 if falling else 1
 
@@ -93,7 +94,7 @@ def _cmd_serve(args):
 
 # %% ../nbs/09_cli.ipynb #340aacbe
 def _cmd_bench(args):
-    "Benchmarks (`serve`, `train`, `kernels`) and their inputs (`model`: a random-weights model of a real shape; `adapters`: random adapters)."
+    "Benchmarks (`serve`, `train`, `kernels`, `tutorial`) and their inputs (`model`: a random-weights model of a real shape; `adapters`: random adapters)."
     if args.suite == "serve":
         from multilora.server import bench_serve
         engines = tuple(args.engines.split(","))
@@ -117,6 +118,11 @@ def _cmd_bench(args):
         from multilora.bench import random_adapters
         if not (args.out and args.base): raise ValueError("bench adapters needs --base and --out")
         print(random_adapters(args.base, args.out))
+    elif args.suite == "tutorial":
+        from multilora.bench import run_tutorial, format_tutorial
+        res = run_tutorial(args.notebooks.split(",") if args.notebooks else None, demo=not args.no_demo,
+                           eval_limit=args.eval_limit, output=args.json or "tutorial.json")
+        print(format_tutorial(res))
 
 # %% ../nbs/09_cli.ipynb #8929fbf8
 def _cmd_export(args):
@@ -179,8 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serving_args(v)
     v.set_defaults(func=_cmd_serve)
     b = sub.add_parser("bench", help="benchmarks that print a table and write JSON")
-    b.add_argument("suite", choices=["serve", "train", "kernels", "model", "adapters"],
+    b.add_argument("suite", choices=["serve", "train", "kernels", "tutorial", "model", "adapters"],
                    help="serve: engines over HTTP; train: seed loop vs trainer; kernels: one NF4 layer four ways; "
+                        "tutorial: every chapter under nbdev_test --flags cuda, then demo and eval; "
                         "model/adapters: random weights of real shapes")
     b.add_argument("--adapters", default=None, help="serve: adapters folder (default: marker adapters whose answers have a fixed length)")
     b.add_argument("--engines", default="locked,batched")
@@ -201,6 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--rows", default="1,16,64", help="kernels: batch sizes (rows) to time")
     b.add_argument("--out", default=None, help="model/adapters: output folder")
     b.add_argument("--tokenizer", default=None, help="model: tokenizer folder (default: the embedded model's)")
+    b.add_argument("--notebooks", default=None, help="tutorial: comma-separated chapters (default: every notebook in nbs/)")
+    b.add_argument("--no-demo", action="store_true", help="tutorial: run the chapters only, not multilora demo and eval")
+    b.add_argument("--eval-limit", type=int, default=None, help="tutorial: test examples per task for multilora eval (default: all)")
     b.add_argument("--json", default=None, help="where to write the results (default: bench_<suite>.json)")
     _add_serving_args(b)
     b.set_defaults(func=_cmd_bench)

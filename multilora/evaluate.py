@@ -4,14 +4,14 @@
 
 # %% ../nbs/05_evaluation.ipynb #1e8a7bbd
 from __future__ import annotations
-import json, math, re, sqlite3, time
+import contextlib, json, math, re, sqlite3, time
 from collections import Counter
 from pathlib import Path
 
 # %% auto #0
 __all__ = ['ROUGE_TYPES', 'METRICS', 'clean_generation', 'rouge_scores', 'SQLExecutionError', 'execute_sql', 'sql_tokens',
            'normalize_sql', 'has_order_by', 'results_match', 'execution_match', 'sql_metrics', 'generate_answers',
-           'evaluate_adapters', 'format_results', 'plot_results']
+           'fast_runner', 'evaluate_adapters', 'format_results', 'plot_results']
 
 # %% ../nbs/05_evaluation.ipynb #61b1693a
 import torch
@@ -142,20 +142,43 @@ def _per_task(value, task, default=None):
     return value.get(task, default) if isinstance(value, dict) else (default if value is None else value)
 
 # %% ../nbs/05_evaluation.ipynb #1f3b1332
-def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, batch_size: int = 8, progress: bool = False) -> list[str]:
-    "Greedy answers to `prompts` with the model's current adapter setting, batched by length and cleaned."
+def generate_answers(model, tokenizer, prompts: list[str], adapter: str | None = None, max_new_tokens: int = 64,
+                     batch_size: int = 8, progress: bool = False, fast=None) -> tuple[list[str], list[bool]]:
+    "Greedy answers to `prompts` from `adapter` (None: the bare base model), cleaned; and which of them ran on."
+    if fast is not None:   # the fast engine's runner (`fast_runner`): continuous batching, the adapter named per request
+        res = fast.generate_texts(prompts, [adapter or _BASE] * len(prompts), max_new_tokens, stop=_STOP)
+        return [clean_generation(r.text) for r in res], [not r.stop_token for r in res]
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-    out = [None] * len(prompts)
+    answers, ran_on = [None] * len(prompts), [False] * len(prompts)
     stop = StoppingCriteriaList([StopStringCriteria(tokenizer, _STOP)])  # a row is done once it writes a blank line or ###
     batches = range(0, len(order), batch_size)
     if progress:
         from tqdm.auto import tqdm
         batches = tqdm(batches, desc="generating", leave=False)
-    for s in batches:
-        idx = order[s:s + batch_size]
-        texts = generate(model, tokenizer, [prompts[i] for i in idx], max_new_tokens=max_new_tokens, stopping_criteria=stop)
-        for i, t in zip(idx, texts): out[i] = clean_generation(t)
-    return out
+    if adapter is not None: model.set_adapter(adapter)
+    off = model.disable_adapter() if adapter is None and hasattr(model, "disable_adapter") else contextlib.nullcontext()
+    with torch.inference_mode(), off:
+        for s in batches:
+            idx = order[s:s + batch_size]
+            texts, finish = generate(model, tokenizer, [prompts[i] for i in idx], max_new_tokens=max_new_tokens,
+                                     stopping_criteria=stop, return_finish=True)
+            for i, t, f in zip(idx, texts, finish): answers[i], ran_on[i] = clean_generation(t), f != "stop"
+    return answers, ran_on
+
+# %% ../nbs/05_evaluation.ipynb #5db30561
+_BASE = "__base__"   # the fast engine's name for the bare base model (`multilora.server.BASE`)
+
+def fast_runner(model, tokenizer, max_len: int, max_batch_size: int = 64):
+    "The fast engine's runner over `model` and all its adapters, ready to generate; None where it does not support the model."
+    from multilora.fast import FastLoRA   # a later chapter's engine, imported only when evaluation uses it
+    on_gpu = next(model.parameters()).device.type == "cuda"
+    # a 16-bit copy of the frozen weights is fastest; take it when it is small next to the free GPU memory
+    small = on_gpu and 4 * model.get_memory_footprint() < 0.2 * torch.cuda.mem_get_info()[0]   # NF4 is ~4x smaller
+    try: fast = FastLoRA(model, max_batch_size=max_batch_size, max_len=64 * math.ceil(max_len / 64),
+                         dequantize="dense" if small else "auto")
+    except NotImplementedError: return None
+    fast.init_scheduler(tokenizer)
+    return fast
 
 # %% ../nbs/05_evaluation.ipynb #a6c4a8d7
 def _score(kind: str, predictions, rows, references, db_path, timeout) -> dict:
@@ -169,7 +192,7 @@ def _mean(dicts: list[dict]) -> dict:
 def evaluate_adapters(adapters_dir, base_model=None, tasks=("summarization", "sql_generation"), variants=("own", "other", "base"),
                       limit: int | dict | None = None, max_new_tokens: int | dict | None = None, batch_size: int = 8,
                       out_json=None, data: dict | None = None, metrics: dict | None = None, db_path=None,
-                      split: str = "test", timeout: float = 5.0, progress: bool = False) -> dict:
+                      split: str = "test", timeout: float = 5.0, progress: bool = False, engine: str = "auto") -> dict:
     "Score each task's test split with its own adapter, the other adapters and the bare base: {task: {variant: metrics}}."
     adapters_dir = Path(adapters_dir)
     unknown = set(variants) - {"own", "other", "base"}
@@ -185,7 +208,7 @@ def evaluate_adapters(adapters_dir, base_model=None, tasks=("summarization", "sq
     have = set(getattr(model, "peft_config", {}))
     if not set(templates) <= have: model = load_adapters(model, adapters_dir, names=sorted(set(templates) - have))
     model.eval()
-    results = {}
+    plans = {}
     for task in tasks:
         template = templates[task] or _TEMPLATES[task]
         ds = (data or {}).get(task)
@@ -196,6 +219,15 @@ def evaluate_adapters(adapters_dir, base_model=None, tasks=("summarization", "sq
         prompts = [template.render_prompt(r, tok) for r in rows]
         refs = [template.render_completion(r) for r in rows]
         budget = _per_task(max_new_tokens, task) or max(len(tok(r, add_special_tokens=False)["input_ids"]) for r in refs) + 8
+        plans[task] = rows, prompts, refs, budget
+    fast = None
+    if engine not in ("auto", "fast", "generate"): raise ValueError(f"Unknown engine {engine!r}; valid: auto, fast, generate")
+    if engine == "fast" or (engine == "auto" and next(model.parameters()).device.type == "cuda"):
+        longest = max(len(tok(p)["input_ids"]) + b for _, ps, _, b in plans.values() for p in ps)
+        fast = fast_runner(model, tok, longest, max_batch_size=max(batch_size, 64 if engine == "auto" else batch_size))
+        if fast is None and engine == "fast": raise ValueError("The fast engine does not support this model; use engine='generate'")
+    results = {}
+    for task, (rows, prompts, refs, budget) in plans.items():
         others = [a for a in templates if a != task]
         plan = {"own": [task], "other": others, "base": [None]}
         results[task] = {}
@@ -204,15 +236,11 @@ def evaluate_adapters(adapters_dir, base_model=None, tasks=("summarization", "sq
             per = {}
             for adapter in plan[variant]:
                 t0 = time.time()
-                with torch.inference_mode():
-                    if adapter is None:
-                        with model.disable_adapter(): preds = generate_answers(model, tok, prompts, budget, batch_size, progress)
-                    else:
-                        model.set_adapter(adapter)
-                        preds = generate_answers(model, tok, prompts, budget, batch_size, progress)
+                preds, ran_on = generate_answers(model, tok, prompts, adapter, budget, batch_size, progress, fast)
                 scores = _score(kinds[task], preds, rows, refs, db_path, timeout)
-                per[adapter or "__base__"] = {**scores, "n": len(rows), "adapter": adapter, "max_new_tokens": budget,
-                                              "seconds": round(time.time() - t0, 1), "predictions": preds}
+                per[adapter or "__base__"] = {**scores, "run_on": sum(ran_on), "n": len(rows), "adapter": adapter,
+                                              "max_new_tokens": budget, "seconds": round(time.time() - t0, 1),
+                                              "predictions": preds, "ran_on": ran_on}
             if len(per) == 1: results[task][variant] = next(iter(per.values()))
             else: results[task][variant] = {**_mean(list(per.values())), "n": len(rows), "adapter": list(per), "per_adapter": per}
     if out_json is not None:
@@ -221,7 +249,10 @@ def evaluate_adapters(adapters_dir, base_model=None, tasks=("summarization", "sq
     return results
 
 # %% ../nbs/05_evaluation.ipynb #31576c4f
-_SHOWN = ("rouge1", "rouge2", "rougeL", "rougeLsum", "execution_accuracy", "exact_match", "error_rate")
+_SHOWN = ("rouge1", "rouge2", "rougeL", "rougeLsum", "execution_accuracy", "exact_match", "error_rate", "run_on")
+_COUNTS = ("run_on",)   # shown as counts of answers, not as scores
+
+def _cell(value, key: str) -> str: return f"{value:>9g}" if key in _COUNTS else f"{value:>9.3f}"
 
 def format_results(results: dict) -> str:
     "A plain-text table of `results`: one row per task and metric, one column per model variant."
@@ -233,7 +264,7 @@ def format_results(results: dict) -> str:
         shown = [k for k in _SHOWN if any(k in m for m in r.values())]
         for i, k in enumerate(shown):
             label = f"{task}" if i == 0 else (f"  (n={n})" if i == 1 else "")
-            lines.append(f"{label:16}{k:20}" + "".join(f"{r[v][k]:>9.3f}" if v in r and k in r[v] else f"{'-':>9}" for v in variants))
+            lines.append(f"{label:16}{k:20}" + "".join(_cell(r[v][k], k) if v in r and k in r[v] else f"{'-':>9}" for v in variants))
     return "\n".join(lines)
 
 # %% ../nbs/05_evaluation.ipynb #64c06e91
@@ -246,7 +277,7 @@ def plot_results(results: dict, ax=None):
     for a, task in zip(axes, tasks):
         r = results[task]
         variants = list(r)
-        keys = [k for k in _SHOWN if k != "error_rate" and any(k in m for m in r.values())]
+        keys = [k for k in _SHOWN if k not in ("error_rate", *_COUNTS) and any(k in m for m in r.values())]
         w = 0.8 / max(1, len(variants))
         for j, v in enumerate(variants):
             a.bar([i + (j - (len(variants) - 1) / 2) * w for i in range(len(keys))], [r[v].get(k, 0) for k in keys], w, label=v)

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer
+from .model import stop_token_ids
 from .adapters import adapter_names
 from .server import (BASE, BadRequest, Engine, ENGINES, GenRequest, GenResult, QueueFull, RowTracker,
                               ServerError, UnknownAdapter)
@@ -468,6 +469,7 @@ def sample_next(logits: torch.Tensor, req: GenRequest, generator: torch.Generato
 # %% ../nbs/07a_fast_engine.ipynb #b3492d8e
 def _init_scheduler(self: FastLoRA, tokenizer):
     self.tokenizer = tokenizer
+    self.stop_ids = stop_token_ids(self.model)          # what every engine stops on (see `align_stop_tokens`)
     self.waiting: deque[GenRequest] = deque()
     self.active: dict[int, Sequence] = {}
     self.lock = threading.Lock()                 # guards `waiting` (requests arrive from the event loop's thread)
@@ -506,7 +508,8 @@ def _next_tokens(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
 def _result(seq: Sequence) -> GenResult:
     t = seq.tracker
     t._emit(0, True)
-    return GenResult(t.text(0), seq.req.adapter, seq.prompt_tokens, len(t.ids[0]), t.finish[0], time.perf_counter() - seq.req.created)
+    return GenResult(t.text(0), seq.req.adapter, seq.prompt_tokens, len(t.ids[0]), t.finish[0],
+                     time.perf_counter() - seq.req.created, t.stop_token[0])
 
 def _admit(self: FastLoRA, done: list):
     "Move waiting requests into free slots, within the prefill budget; prefill them; sample their first token."
@@ -524,7 +527,7 @@ def _admit(self: FastLoRA, done: list):
             gen = None
             if req.temperature > 0 and req.seed is not None: gen = torch.Generator("cpu").manual_seed(req.seed)
             new.append((Sequence(req, free.pop(0), -1 if req.adapter == BASE else self.names.index(req.adapter), n, n,
-                                 RowTracker([req], self.tokenizer, n), gen), ids))
+                                 RowTracker([req], self.tokenizer, n, self.stop_ids), gen), ids))
     if not new: return
     for seq, _ in new: self.active[seq.slot] = seq                     # before prefill: if it raises, these fail with it
     t0 = time.perf_counter()

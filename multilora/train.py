@@ -21,7 +21,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs
 from peft import set_peft_model_state_dict
 from tqdm.auto import tqdm
-from .model import _atomic_folder, load_base_model, prepare_for_training, pick_compute_dtype
+from .model import _atomic_folder, load_base_model, prepare_for_training, pick_compute_dtype, stop_token_ids
 from .adapters import Task, adapter_parameters, activate_adapter, attach_adapters, save_adapters, adapter_names
 from .data import CompletionCollator, PackingCollator, batch_tokens, model_inputs, tokenize_task, IGNORE_INDEX
 from .sampler import MultiTaskDataset, TemperatureBatchSampler
@@ -102,6 +102,11 @@ class MultiLoRATrainer:
         self.tasks, self.cfg, self.tok = {t.name: t for t in tasks}, config, tokenizer
         missing = set(self.tasks) - set(model.peft_config)
         if missing: raise ValueError(f"The model has no adapter for task(s) {sorted(missing)}; attach them with attach_adapters")
+        if tokenizer.eos_token_id not in stop_token_ids(model):
+            raise ValueError(f"The tokenizer's EOS {tokenizer.eos_token!r} (id {tokenizer.eos_token_id}), which training appends to "
+                             f"every answer, is not one of the ids generation stops on {stop_token_ids(model)}: trained adapters "
+                             "would never stop. Load the tokenizer with load_base_model or load_tokenizer, which align the two, "
+                             "or call align_stop_tokens(tokenizer, model.generation_config).")
         device = "cuda" if torch.cuda.is_available() else "cpu"
         mp, self.gradient_checkpointing = _device_settings(config, device)
         self.acc = accelerator or Accelerator(mixed_precision=mp, cpu=device == "cpu",
@@ -449,9 +454,9 @@ def demo_config(steps: int | None = None, output_dir: str | None = None) -> dict
 
 # %% ../nbs/04_training.ipynb #f7051508
 def _demo_dir(steps: int | None = None) -> Path:
-    "Where the demo run with `steps` is cached: keyed by its config and the base model."
-    from multilora.model import cache_dir, resolve_model
-    key = hashlib.sha256(json.dumps([demo_config(steps), resolve_model(None)], sort_keys=True).encode()).hexdigest()[:12]
+    "Where the demo run with `steps` is cached: keyed by its config, the base model and the embedded model's conversion."
+    from multilora.model import EMBEDDED_CONVERSION, cache_dir, resolve_model
+    key = hashlib.sha256(json.dumps([demo_config(steps), resolve_model(None), EMBEDDED_CONVERSION], sort_keys=True).encode()).hexdigest()[:12]
     return cache_dir()/"runs"/f"demo-{key}"
 
 def publish_demo_run(run_dir, steps: int | None = None) -> Path:
