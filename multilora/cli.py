@@ -68,7 +68,8 @@ def _cmd_eval(args):
     from multilora.evaluate import evaluate_adapters, format_results
     from multilora.train import demo_adapters
     adapters = args.adapters or demo_adapters(progress=True)
-    res = evaluate_adapters(adapters, base_model=args.base, limit=args.limit, batch_size=args.batch_size, out_json=args.json, progress=True)
+    res = evaluate_adapters(adapters, base_model=args.base, limit=args.limit, batch_size=args.batch_size, out_json=args.json, progress=True,
+                            engine=args.engine)
     print(format_results(res))
     if args.json: print(f"results written to {args.json}")
 
@@ -158,6 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--base", default=None, help="base model folder or hub id (default: the embedded model)")
     e.add_argument("--limit", type=int, default=None, help="evaluate only the first N test examples of each task")
     e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--engine", default="auto", choices=["auto", "fast", "generate"],
+                   help="how answers are generated: auto (the fast engine on a GPU where it supports the model), fast, generate")
     e.add_argument("--json", default=None, help="also write the results to this JSON file")
     e.set_defaults(func=_cmd_eval)
     m = sub.add_parser("merge", help="fold one adapter into a 16-bit copy of the base, saved as a plain transformers folder")

@@ -183,7 +183,16 @@ def fast_runner(model, tokenizer, max_len: int, max_batch_size: int = 64):
 # %% ../nbs/05_evaluation.ipynb #a6c4a8d7
 def _score(kind: str, predictions, rows, references, db_path, timeout) -> dict:
     if kind == "rouge": return rouge_scores(predictions, references)
-    if kind == "sql": return sql_metrics(predictions, references, [db_path or _db_for(r) for r in rows], timeout)
+    if kind == "sql":
+        dbs = [db_path or _db_for(r) for r in rows]
+        scores = sql_metrics(predictions, references, dbs, timeout)
+        groups = {}
+        for i, r in enumerate(rows):   # the built-in split says what is new in each test question: generalisation, in parts
+            if r.get("novelty") is not None: groups.setdefault(r["novelty"], []).append(i)
+        if groups: scores["by_novelty"] = {g: {"n": len(ix), **sql_metrics([predictions[i] for i in ix], [references[i] for i in ix],
+                                                                            [dbs[i] for i in ix], timeout)}
+                                           for g, ix in sorted(groups.items())}
+        return scores
     raise ValueError(f"Unknown metric {kind!r}; valid: rouge, sql")
 
 def _mean(dicts: list[dict]) -> dict:
