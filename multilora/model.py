@@ -191,9 +191,9 @@ def align_stop_tokens(tokenizer, generation_config: GenerationConfig, eos_token:
     pick = turn_end if turn_end in stops else (stops[0] if len(stops) == 1 else None)
     if pick is None:
         raise ValueError(f"The tokenizer's EOS {tokenizer.eos_token!r} (id {eos}) is not one of the ids generation stops on "
-                         f"({', '.join(f'{name(i)!r} (id {i})' for i in stops)}), and the chat template does not say which one "
-                         "ends an answer. Choose the token trained answers end with: load_base_model(..., eos_token=...) or "
-                         "--eos-token, e.g. eos_token=" + repr(name(stops[0])))
+                         f"({', '.join(f'{name(i)!r} (id {i})' for i in stops) or 'none'}), and neither the chat template "
+                         "nor a single stop id says which one ends an answer. Choose the token trained answers end with: "
+                         "load_base_model(..., eos_token=...)" + (f", e.g. eos_token={name(stops[0])!r}" if stops else ""))
     warnings.warn(f"The tokenizer's EOS {tokenizer.eos_token!r} (id {eos}) is not one of the ids generation stops on {stops}; "
                   f"using {name(pick)!r} (id {pick}) as EOS, so that trained answers end where generation stops. "
                   "Pass eos_token= to choose another.")
