@@ -10,7 +10,7 @@ from pathlib import Path
 
 # %% auto #0
 __all__ = ['SHAPES', 'random_model', 'random_adapters', 'seed_train_loop', 'bench_train', 'format_train_bench', 'bench_kernels',
-           'format_kernel_bench', 'run_tutorial', 'format_tutorial']
+           'format_kernel_bench', 'eval_summary', 'run_tutorial', 'format_tutorial']
 
 # %% ../nbs/10_benchmarks.ipynb #40c49ec5
 import numpy as np
@@ -274,6 +274,14 @@ def _run(cmd: list[str], timeout: float, env: dict | None = None) -> tuple[int, 
     except subprocess.TimeoutExpired as e:
         return 124, time.time() - t0, f"timed out after {timeout:.0f}s\n" + (e.stdout or b"").decode(errors="replace")[-1500:]
 
+def eval_summary(results: dict) -> dict:
+    "`evaluate_adapters` results without the per-answer lists, keeping the answers that ran on, which are worth reading."
+    def one(m):
+        kept = {k: x for k, x in m.items() if k not in ("predictions", "ran_on", "per_adapter")}
+        if "ran_on" in m: kept["run_on_answers"] = [p for p, r in zip(m["predictions"], m["ran_on"]) if r]
+        return kept
+    return {t: {v: one(m) for v, m in r.items()} for t, r in results.items()}
+
 def run_tutorial(notebooks: list[str] | None = None, nbs_dir: str | os.PathLike = "nbs", demo: bool = True,
                  eval_limit: int | None = None, output: str | os.PathLike | None = "tutorial.json",
                  flags: str = "cuda", timeout: float = 1800) -> dict:
@@ -312,9 +320,8 @@ def run_tutorial(notebooks: list[str] | None = None, nbs_dir: str | os.PathLike 
         cmd = [sys.executable, "-m", "multilora", "eval", "--adapters", str(run_dir/"adapters"), "--json", str(ev)]
         rc, s, text = _run(cmd + (["--limit", str(eval_limit)] if eval_limit else []), timeout)
         scores = json.loads(ev.read_text()) if ev.exists() else {}
-        drop = ("predictions", "ran_on", "per_adapter")
         res["eval"] = {"passed": rc == 0, "seconds": round(s, 1), "limit": eval_limit, "table": _tail(text, 3000),
-                       "results": {t: {v: {k: x for k, x in m.items() if k not in drop} for v, m in r.items()} for t, r in scores.items()},
+                       "results": eval_summary(scores),
                        **({} if rc == 0 else {"error": _tail(text)})}
         print(f"{'multilora eval':20} {'pass' if rc == 0 else 'FAIL'} {s:7.0f}s\n{_tail(text, 3000)}", flush=True)
         save()
