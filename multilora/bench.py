@@ -282,49 +282,74 @@ def eval_summary(results: dict) -> dict:
         return kept
     return {t: {v: one(m) for v, m in r.items()} for t, r in results.items()}
 
+def _needs_demo(path: Path) -> bool:
+    "Whether a chapter reads the cached demo adapters without publishing a demo run of its own first."
+    text = path.read_text()
+    return "demo_adapters(" in text and "publish_demo_run(" not in text
+
+def _demo_record(run_dir: Path, rc: int, s: float, text: str) -> dict:
+    "What `multilora demo` did: its verdict and time, and each task's loss over its first and last fifth of updates."
+    from multilora.train import read_metrics
+    steps = [r for r in read_metrics(run_dir) if "loss" in r] if (run_dir/"metrics.jsonl").exists() else []
+    losses = {}
+    for t in dict.fromkeys(r["task"] for r in steps):
+        ls = [r["loss"] for r in steps if r["task"] == t and not r["skipped"]]
+        k = max(1, len(ls) // 5)
+        losses[t] = {"updates": len(ls), "first_fifth": sum(ls[:k]) / k, "last_fifth": sum(ls[-k:]) / k}
+    return {"passed": rc == 0, "seconds": round(s, 1), "steps": len(steps), "losses": losses,
+            **({} if rc == 0 else {"error": _tail(text)})}
+
 def run_tutorial(notebooks: list[str] | None = None, nbs_dir: str | os.PathLike = "nbs", demo: bool = True,
                  eval_limit: int | None = None, output: str | os.PathLike | None = "tutorial.json",
-                 flags: str = "cuda", timeout: float = 1800) -> dict:
+                 flags: str = "cuda", timeout: float = 1800, jobs: int = 1) -> dict:
     "Run chapters under `nbdev_test --flags cuda`, then `multilora demo` and `multilora eval`; time and record each."
+    from concurrent.futures import ThreadPoolExecutor, wait, FIRST_COMPLETED
+    import threading, transformers, peft
     out = Path(output) if output else None
     res = json.loads(out.read_text()) if out and out.exists() else {"notebooks": {}}
-    import transformers, peft
     res["environment"] = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                           "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
-                          "model": os.environ.get("MULTILORA_MODEL") or "embedded"}
+                          "model": os.environ.get("MULTILORA_MODEL") or "embedded", "jobs": jobs}
     paths = [Path(nbs_dir)/(n if n.endswith(".ipynb") else n + ".ipynb") for n in notebooks] if notebooks is not None \
             else sorted(Path(nbs_dir).glob("*.ipynb"))
-    def save():
-        if out: out.write_text(json.dumps(res, indent=2))
     for p in paths:
         if not p.exists(): raise FileNotFoundError(f"No notebook {p}")
-        rc, s, text = _run(["nbdev_test", "--n_workers", "1", "--flags", flags, "--path", str(p)], timeout)
-        res["notebooks"][p.stem] = {"passed": rc == 0, "seconds": round(s, 1), **({} if rc == 0 else {"error": _tail(text)})}
-        print(f"{p.stem:20} {'pass' if rc == 0 else 'FAIL'} {s:7.0f}s", flush=True)
-        save()
-    if demo:
-        run_dir = Path(tempfile.mkdtemp())/"demo"
-        rc, s, text = _run([sys.executable, "-m", "multilora", "demo", "--output-dir", str(run_dir)], timeout)
-        from multilora.train import read_metrics
-        steps = [r for r in read_metrics(run_dir) if "loss" in r] if (run_dir/"metrics.jsonl").exists() else []
-        losses = {}
-        for t in dict.fromkeys(r["task"] for r in steps):
-            ls = [r["loss"] for r in steps if r["task"] == t and not r["skipped"]]
-            k = max(1, len(ls) // 5)
-            losses[t] = {"updates": len(ls), "first_fifth": sum(ls[:k]) / k, "last_fifth": sum(ls[-k:]) / k}
-        res["demo"] = {"passed": rc == 0, "seconds": round(s, 1), "steps": len(steps), "losses": losses,
-                       **({} if rc == 0 else {"error": _tail(text)})}
-        print(f"{'multilora demo':20} {'pass' if rc == 0 else 'FAIL'} {s:7.0f}s  {losses}", flush=True)
-        save()
+    # side by side, each job gets its share of the CPU threads
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // jobs))} if jobs > 1 else None
+    lock, run_dir = threading.Lock(), Path(tempfile.mkdtemp())/"demo"
+    def record(key, value, line):
+        with lock:
+            if key[0] == "notebooks": res["notebooks"][key[1]] = value
+            else: res[key[0]] = value
+            if out: out.write_text(json.dumps(res, indent=2))
+            print(line, flush=True)
+    def chapter(p):
+        rc, s, text = _run(["nbdev_test", "--n_workers", "1", "--flags", flags, "--path", str(p)], timeout, env)
+        record(("notebooks", p.stem), {"passed": rc == 0, "seconds": round(s, 1), **({} if rc == 0 else {"error": _tail(text)})},
+               f"{p.stem:20} {'pass' if rc == 0 else 'FAIL'} {s:7.0f}s")
+    def train_demo():
+        rc, s, text = _run([sys.executable, "-m", "multilora", "demo", "--output-dir", str(run_dir)], timeout, env)
+        rec = _demo_record(run_dir, rc, s, text)
+        record(("demo",), rec, f"{'multilora demo':20} {'pass' if rc == 0 else 'FAIL'} {s:7.0f}s  {rec['losses']}")
+    # the demo goes first, so that the chapters that read its cached adapters find them rather than train their own
+    waiting = [p for p in paths if demo and _needs_demo(p)]
+    with ThreadPoolExecutor(max(1, jobs)) as pool:
+        demo_job = pool.submit(train_demo) if demo else None
+        running = {pool.submit(chapter, p) for p in paths if p not in waiting} | ({demo_job} if demo else set())
+        while running:
+            done, running = wait(running, return_when=FIRST_COMPLETED)
+            for f in done: f.result()
+            if waiting and demo_job in done:
+                running |= {pool.submit(chapter, p) for p in waiting}
+                waiting = []
+    if demo:  # alone, after everything else: its time is what a user waits
         ev = run_dir/"eval.json"
         cmd = [sys.executable, "-m", "multilora", "eval", "--adapters", str(run_dir/"adapters"), "--json", str(ev)]
         rc, s, text = _run(cmd + (["--limit", str(eval_limit)] if eval_limit else []), timeout)
         scores = json.loads(ev.read_text()) if ev.exists() else {}
-        res["eval"] = {"passed": rc == 0, "seconds": round(s, 1), "limit": eval_limit, "table": _tail(text, 3000),
-                       "results": eval_summary(scores),
-                       **({} if rc == 0 else {"error": _tail(text)})}
-        print(f"{'multilora eval':20} {'pass' if rc == 0 else 'FAIL'} {s:7.0f}s\n{_tail(text, 3000)}", flush=True)
-        save()
+        record(("eval",), {"passed": rc == 0, "seconds": round(s, 1), "limit": eval_limit, "table": _tail(text, 3000),
+                           "results": eval_summary(scores), **({} if rc == 0 else {"error": _tail(text)})},
+               f"{'multilora eval':20} {'pass' if rc == 0 else 'FAIL'} {s:7.0f}s\n{_tail(text, 3000)}")
     return res
 
 def format_tutorial(res: dict) -> str:

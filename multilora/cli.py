@@ -122,7 +122,7 @@ def _cmd_bench(args):
     elif args.suite == "tutorial":
         from multilora.bench import run_tutorial, format_tutorial
         res = run_tutorial(args.notebooks.split(",") if args.notebooks else None, demo=not args.no_demo,
-                           eval_limit=args.eval_limit, output=args.json or "tutorial.json")
+                           eval_limit=args.eval_limit, output=args.json or "tutorial.json", jobs=args.jobs)
         print(format_tutorial(res))
 
 # %% ../nbs/09_cli.ipynb #8929fbf8
@@ -214,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--notebooks", default=None, help="tutorial: comma-separated chapters (default: every notebook in nbs/)")
     b.add_argument("--no-demo", action="store_true", help="tutorial: run the chapters only, not multilora demo and eval")
     b.add_argument("--eval-limit", type=int, default=None, help="tutorial: test examples per task for multilora eval (default: all)")
+    b.add_argument("--jobs", type=int, default=1, help="tutorial: chapters run side by side (default: 1, one after another)")
     b.add_argument("--json", default=None, help="where to write the results (default: bench_<suite>.json)")
     _add_serving_args(b)
     b.set_defaults(func=_cmd_bench)

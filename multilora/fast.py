@@ -10,8 +10,7 @@ from dataclasses import dataclass, field
 
 # %% auto #0
 __all__ = ['SUPPORTED_MODELS', 'PROJECTIONS', 'GROUPS', 'DEQUANTIZE', 'base_linear', 'AdapterRows', 'StackedLoRA', 'is_nf4',
-           'nf4_dequantize', 'nf4_scales', 'FastLoRA', 'rounding_gap', 'prefill', 'decode', 'capture_graphs',
-           'Sequence', 'sample_next', 'add', 'check_request', 'busy', 'step', 'generate_texts', 'FastEngine']
+           'nf4_dequantize', 'nf4_scales', 'FastLoRA', 'rounding_gap', 'Sequence', 'sample_next', 'FastEngine']
 
 # %% ../nbs/07a_fast_engine.ipynb #77eb68e9
 import torch
@@ -22,6 +21,8 @@ from .model import stop_token_ids
 from .adapters import adapter_names
 from .server import (BASE, BadRequest, Engine, ENGINES, GenRequest, GenResult, QueueFull, RowTracker,
                               ServerError, UnknownAdapter)
+from fastcore.basics import patch
+
 
 # %% ../nbs/07a_fast_engine.ipynb #321f1d24
 def base_linear(module: torch.nn.Module) -> torch.nn.Module:
@@ -201,6 +202,7 @@ class FastLoRA:
 # %% ../nbs/07a_fast_engine.ipynb #9f625761
 DEQUANTIZE = ("auto", "bnb", "torch", "compiled", "fused", "dense")
 
+@patch
 def _set_dequantize(self: FastLoRA, dequantize: str):
     if dequantize not in DEQUANTIZE: raise ValueError(f"dequantize must be one of {DEQUANTIZE}, not {dequantize!r}")
     if dequantize == "auto":
@@ -213,8 +215,8 @@ def _set_dequantize(self: FastLoRA, dequantize: str):
     if dequantize == "dense": self._dense_copies()
     if dequantize == "compiled" or (dequantize == "fused" and self.device.type == "cuda"): self._compile_dequantize()
     if self.dequantize == "fused": self._build_fused()
-FastLoRA._set_dequantize = _set_dequantize
 
+@patch
 def _dense_copies(self: FastLoRA):
     "16-bit copies of the NF4 weights, made once; the layers of a group (q|k|v, gate|up) become one matrix, so one matmul."
     grouped = set()
@@ -227,7 +229,6 @@ def _dense_copies(self: FastLoRA):
                 [torch.zeros(l.out_features, dtype=cd, device=w.device) if l.bias is None else l.bias.to(cd) for l in lins])
             self._group_w[(i, g)] = (w, b); grouped.update(lins)
     self._dense_w = {m: nf4_dequantize(m.weight).to(m.compute_dtype or self.dtype) for m in self._nf4 - grouped}
-FastLoRA._dense_copies = _dense_copies
 
 def _shapes(self: FastLoRA) -> dict:
     "One NF4 layer per distinct (shape, dtype): what compiling, tuning and checking need to see."
@@ -239,6 +240,7 @@ def rounding_gap(got: torch.Tensor, want: torch.Tensor) -> float:
     gap = (got.float() - want.float()).abs()
     return float((gap / step.clamp_min(torch.finfo(torch.float32).tiny)).max()) if gap.any() else 0.0
 
+@patch
 def _compile_dequantize(self: FastLoRA):
     compiled = torch.compile(_dequantize_nf4, dynamic=False)
     try:
@@ -250,8 +252,8 @@ def _compile_dequantize(self: FastLoRA):
     except Exception as e:
         warnings.warn(f"torch.compile of NF4 dequantization failed ({type(e).__name__}: {e}); using plain torch ops")
         self.dequantize = "torch"
-FastLoRA._compile_dequantize = _compile_dequantize
 
+@patch
 def _build_fused(self: FastLoRA):
     "Wrap every NF4 layer in the fused kernel; tune it for each decode batch bucket and check it against dequantize-then-matmul."
     try:
@@ -272,8 +274,8 @@ def _build_fused(self: FastLoRA):
     except Exception as e:
         warnings.warn(f"the fused NF4 matmul is unavailable ({type(e).__name__}: {e}); using {self.dequantize!r} dequantization")
         self.dequantize = "compiled" if self._dense is not _dequantize_nf4 else "torch"
-FastLoRA._build_fused = _build_fused
 
+@patch
 def _frozen(self: FastLoRA, module, x: torch.Tensor) -> torch.Tensor:
     "The frozen layer under `module` on `x`, through the engine's NF4 path where it has one."
     lin = base_linear(module)
@@ -283,9 +285,9 @@ def _frozen(self: FastLoRA, module, x: torch.Tensor) -> torch.Tensor:
     if op is not None and op.fits(x): return op(x).to(x.dtype)                          # decode: the fused kernel
     w = self._dense_w[lin] if self._dense_w else nf4_dequantize(lin.weight, self._dense).to(cd)
     return F.linear(x.to(cd), w, None if lin.bias is None else lin.bias.to(cd)).to(x.dtype)
-FastLoRA._frozen = _frozen
 
 # %% ../nbs/07a_fast_engine.ipynb #09abaefd
+@patch
 def _group(self: FastLoRA, i: int, g: str, x: torch.Tensor, rows: AdapterRows) -> torch.Tensor:
     "Projection group `g` of layer `i` on its input `x`: the frozen layers' outputs side by side, plus every row's adapter term."
     dense = self._group_w.get((i, g))
@@ -294,23 +296,23 @@ def _group(self: FastLoRA, i: int, g: str, x: torch.Tensor, rows: AdapterRows) -
         ys = [self._frozen(lin, x) for lin in self.frozen[i][g]]
         y = ys[0] if len(ys) == 1 else torch.cat(ys, -1)
     return self.stacks[i][g].add_to(y, x, rows)
-FastLoRA._group = _group
 
 def _norm(norm: torch.nn.Module, h: torch.Tensor) -> torch.Tensor:
     "A Llama-style RMSNorm module applied as one fused op."
     return F.rms_norm(h, (h.shape[-1],), norm.weight, getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
 
+@patch
 def _rope(self: FastLoRA, h: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     "cos and sin for positions `pos` ([B, T]), shaped `[B, T, 1, head_dim]`; sin's first half negated, as `_rotate` needs."
     cos, sin = self.rotary(h, pos)
     half = sin.shape[-1] // 2
     return cos.unsqueeze(2), torch.cat([-sin[..., :half], sin[..., half:]], -1).unsqueeze(2)
-FastLoRA._rope = _rope
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     "Rotary embedding of `x` ([B, T, heads, head_dim]): x·cos + rotate_half(x)·sin, where rotate_half is a roll and its sign is in `sin`."
     return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), sin)
 
+@patch
 def _layer(self: FastLoRA, i: int, h: torch.Tensor, rope, rows: AdapterRows, attend) -> torch.Tensor:
     "One decoder layer; `attend(i, q, k, v)` (each `[B, T, heads, head_dim]`) stores k/v in the cache and returns `[B, T, H·D]`."
     layer, (B, T, _), H, KV, D = self.layers[i], h.shape, self.n_heads, self.n_kv, self.head_dim
@@ -321,15 +323,15 @@ def _layer(self: FastLoRA, i: int, h: torch.Tensor, rope, rows: AdapterRows, att
     gu = self._group(i, "gate_up", _norm(layer.post_attention_layernorm, h), rows)
     n = gu.shape[-1] // 2
     return h + self._group(i, "down", layer.mlp.act_fn(gu[..., :n]) * gu[..., n:], rows)
-FastLoRA._layer = _layer
 
+@patch
 def _logits(self: FastLoRA, h: torch.Tensor, rows: AdapterRows) -> torch.Tensor:
     "Logits (fp32) of the last hidden states `h` ([B, 1, D])."
     x = _norm(self.norm, h)
     return self.head_stack.add_to(self._frozen(self.lm_head, x), x, rows)[:, 0].float()
-FastLoRA._logits = _logits
 
 # %% ../nbs/07a_fast_engine.ipynb #40245427
+@patch
 @torch.no_grad()
 def prefill(self: FastLoRA, prompts: list[list[int]], slots: list[int], adapters: list[int]) -> torch.Tensor:
     "Run `prompts` (token ids) into cache `slots` with adapter indices `adapters` (-1: base); the next-token logits."
@@ -352,16 +354,16 @@ def prefill(self: FastLoRA, prompts: list[list[int]], slots: list[int], adapters
     for i in range(len(self.layers)): h = self._layer(i, h, rope, rows, attend)
     last = torch.tensor([len(p) - 1 for p in prompts], device=self.device)
     return self._logits(h[torch.arange(B, device=self.device), last].unsqueeze(1), rows)
-FastLoRA.prefill = prefill
 
+@patch
 def _onehot(self: FastLoRA, adapters: list[int]) -> torch.Tensor:
     oh = torch.zeros(len(adapters), self.onehot_buf.shape[1], dtype=self.dtype)
     for b, a in enumerate(adapters):
         if a >= 0: oh[b, a] = 1
     return oh.to(self.device)
-FastLoRA._onehot = _onehot
 
 # %% ../nbs/07a_fast_engine.ipynb #8396fae9
+@patch
 def _decode(self: FastLoRA, B: int, L: int) -> torch.Tensor:
     ids, pos, rows = self.ids_buf[:B], self.pos_buf[:B], AdapterRows(self.onehot_buf[:B])
     slot = torch.arange(B, device=self.device)
@@ -380,11 +382,11 @@ def _decode(self: FastLoRA, B: int, L: int) -> torch.Tensor:
         return o.reshape(B, 1, self.n_heads * self.head_dim)
     for i in range(len(self.layers)): h = self._layer(i, h, rope, rows, attend)
     return self._logits(h, rows)
-FastLoRA._decode = _decode
 
 # %% ../nbs/07a_fast_engine.ipynb #6f4fe258
 def _bucket(sizes: list[int], n: int) -> int: return next(s for s in sizes if s >= n)
 
+@patch
 @torch.no_grad()
 def decode(self: FastLoRA, tokens: dict[int, int], positions: dict[int, int], adapters: dict[int, int]) -> torch.Tensor:
     "One decode step for the active slots `{slot: token}` at `{slot: position}` with `{slot: adapter index}`; logits, row = slot."
@@ -395,8 +397,8 @@ def decode(self: FastLoRA, tokens: dict[int, int], positions: dict[int, int], ad
     self.ids_buf[:B].copy_(ids, non_blocking=True); self.pos_buf[:B].copy_(pos, non_blocking=True)
     self.onehot_buf[:B].copy_(self._onehot([adapters.get(s, -1) for s in range(B)]))
     return self._run_graph(B, L) if self.cuda_graphs else self._decode(B, L)
-FastLoRA.decode = decode
 
+@patch
 def _run_graph(self: FastLoRA, B: int, L: int) -> torch.Tensor:
     key = (B, L)
     if key not in self.graphs:
@@ -428,8 +430,8 @@ def _run_graph(self: FastLoRA, B: int, L: int) -> torch.Tensor:
     g, out = self.graphs[key]
     g.replay()
     return out
-FastLoRA._run_graph = _run_graph
 
+@patch
 def capture_graphs(self: FastLoRA) -> int:
     "Capture (and verify) the decode graph of every (batch, length) bucket now, as vLLM does at start-up; the number captured."
     if not self.cuda_graphs: return 0
@@ -439,7 +441,6 @@ def capture_graphs(self: FastLoRA) -> int:
         for L in self.len_buckets:
             if self.cuda_graphs: self._run_graph(B, L)
     return len(self.graphs)
-FastLoRA.capture_graphs = capture_graphs
 
 # %% ../nbs/07a_fast_engine.ipynb #07d06f55
 @dataclass
@@ -467,7 +468,8 @@ def sample_next(logits: torch.Tensor, req: GenRequest, generator: torch.Generato
                                  generator=generator))
 
 # %% ../nbs/07a_fast_engine.ipynb #b3492d8e
-def _init_scheduler(self: FastLoRA, tokenizer):
+@patch
+def init_scheduler(self: FastLoRA, tokenizer):
     self.tokenizer = tokenizer
     self.stop_ids = stop_token_ids(self.model)          # what every engine stops on (see `align_stop_tokens`)
     self.waiting: deque[GenRequest] = deque()
@@ -478,13 +480,13 @@ def _init_scheduler(self: FastLoRA, tokenizer):
                    "prefill_rows": 0, "prefill_tokens": 0, "between_s": 0.0}          # between: work waiting, no step running
     self.trace: deque[tuple] = deque(maxlen=100_000)                                 # one line per step (see `step`)
     self._pending_since = None
-FastLoRA.init_scheduler = _init_scheduler
 
+@patch
 def add(self: FastLoRA, req: GenRequest):
     "Queue `req`; it joins the batch at the next step with a free slot."
     with self.lock: self.waiting.append(req)
-FastLoRA.add = add
 
+@patch
 def check_request(self: FastLoRA, req: GenRequest) -> list[int]:
     "Raise `BadRequest` for a request the cache cannot hold; its prompt's token ids otherwise."
     ids = self.tokenizer(req.prompt)["input_ids"]
@@ -493,11 +495,9 @@ def check_request(self: FastLoRA, req: GenRequest) -> list[int]:
         raise BadRequest(f"prompt ({n} tokens) + max tokens ({req.max_new_tokens}) exceeds the engine's max_len={self.max_len}")
     if req.adapter != BASE and req.adapter not in self.names: raise UnknownAdapter(f"Unknown adapter {req.adapter!r}")
     return ids
-FastLoRA.check_request = check_request
 
-@property
+@patch(as_prop=True)
 def busy(self: FastLoRA) -> bool: return bool(self.active or self.waiting)
-FastLoRA.busy = busy
 
 # %% ../nbs/07a_fast_engine.ipynb #8a0384d8
 def _next_tokens(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
@@ -511,6 +511,7 @@ def _result(seq: Sequence) -> GenResult:
     return GenResult(t.text(0), seq.req.adapter, seq.prompt_tokens, len(t.ids[0]), t.finish[0],
                      time.perf_counter() - seq.req.created, t.stop_token[0])
 
+@patch
 def _admit(self: FastLoRA, done: list):
     "Move waiting requests into free slots, within the prefill budget; prefill them; sample their first token."
     free = sorted(set(range(self.max_batch_size)) - set(self.active))
@@ -536,15 +537,15 @@ def _admit(self: FastLoRA, done: list):
     self.timing["prefill_s"] += time.perf_counter() - t0; self.timing["prefills"] += 1
     self.timing["prefill_tokens"] += sum(len(ids) for _, ids in new); self.timing["prefill_rows"] += len(new)
     for (seq, _), token in zip(new, tokens): self._push(seq, token, done)
-FastLoRA._admit = _admit
 
+@patch
 def _push(self: FastLoRA, seq: Sequence, token: int, done: list):
     "Give `seq` its next token; retire it when its tracker says it is done."
     seq.last = token
     if seq.tracker.push(0, token):
         del self.active[seq.slot]; done.append((seq.req, _result(seq)))
-FastLoRA._push = _push
 
+@patch
 def step(self: FastLoRA) -> list[tuple[GenRequest, GenResult | BaseException]]:
     "Admit, prefill, and decode one token for every active sequence; the requests that finished."
     done, t0, tm = [], time.perf_counter(), self.timing
@@ -569,9 +570,9 @@ def step(self: FastLoRA) -> list[tuple[GenRequest, GenResult | BaseException]]:
                        round(tm["prefill_s"] - before[2], 5), rows, round(t2 - t1, 5) if rows else 0.0))
     self._pending_since = t2 if self.busy else None
     return done
-FastLoRA.step = step
 
 # %% ../nbs/07a_fast_engine.ipynb #23750d5f
+@patch
 def generate_texts(self: FastLoRA, prompts: list[str], adapters: list[str] | None = None, max_new_tokens: int = 32,
                    **sampling) -> list[GenResult]:
     "Generate for `prompts` with `adapters` (names, `BASE` for none) through the scheduler; results in prompt order."
@@ -585,7 +586,6 @@ def generate_texts(self: FastLoRA, prompts: list[str], adapters: list[str] | Non
             if isinstance(res, BaseException): raise res
             out[r.id] = res
     return [out[r.id] for r in reqs]
-FastLoRA.generate_texts = generate_texts
 
 # %% ../nbs/07a_fast_engine.ipynb #59c8d496
 class FastEngine(Engine):
@@ -627,6 +627,7 @@ class FastEngine(Engine):
         return self._finish(req, out)
 
 # %% ../nbs/07a_fast_engine.ipynb #839b51d4
+@patch
 def _step_safely(self: FastEngine) -> list:
     "One scheduler step on the model thread; if it raises, fail the requests it held and free their slots."
     try: return self.fast.step()
@@ -634,8 +635,8 @@ def _step_safely(self: FastEngine) -> list:
         failed = [(s.req, e) for s in self.fast.active.values()]
         self.fast.active.clear()
         return failed
-FastEngine._step_safely = _step_safely
 
+@patch
 def _steps(self: FastEngine, loop: asyncio.AbstractEventLoop):
     "Steps on the model thread, back to back for up to `burst_s` while there is work; results go to the event loop per step."
     end = time.perf_counter() + self.burst_s
@@ -643,8 +644,8 @@ def _steps(self: FastEngine, loop: asyncio.AbstractEventLoop):
         done = self._step_safely()
         loop.call_soon_threadsafe(self._deliver, done, len(self.fast.active))
         if not self.fast.busy or time.perf_counter() >= end: return
-FastEngine._steps = _steps
 
+@patch
 def _deliver(self: FastEngine, done: list, batch: int):
     "On the event loop: record one step's batch size and resolve the requests it finished."
     self.in_flight = batch
@@ -654,8 +655,8 @@ def _deliver(self: FastEngine, done: list, batch: int):
         if fut is None or fut.done(): continue
         if isinstance(out, BaseException): fut.set_exception(out)
         else: fut.set_result(out)
-FastEngine._deliver = _deliver
 
+@patch
 async def _loop(self: FastEngine):
     loop = asyncio.get_running_loop()
     while True:
@@ -663,24 +664,24 @@ async def _loop(self: FastEngine):
             self.wake.clear()
             if not self.fast.busy: await self.wake.wait()
         await self.in_model_thread(self._steps, loop)
-FastEngine._loop = _loop
 
-async def _stop(self: FastEngine):
+@patch
+async def stop(self: FastEngine):
     await Engine.stop(self)
     if self.task: self.task.cancel()
-FastEngine.stop = _stop
 
 # %% ../nbs/07a_fast_engine.ipynb #d81bbb76
-async def _load_adapter(self: FastEngine, name: str, path):
+@patch
+async def load_adapter(self: FastEngine, name: str, path):
     await Engine.load_adapter(self, name, path)
     await self.in_model_thread(self._rebuild)
-FastEngine.load_adapter = _load_adapter
 
-async def _unload_adapter(self: FastEngine, name: str):
+@patch
+async def unload_adapter(self: FastEngine, name: str):
     await Engine.unload_adapter(self, name)
     await self.in_model_thread(self._rebuild)
-FastEngine.unload_adapter = _unload_adapter
 
+@patch
 def _rebuild(self: FastEngine):
     "Restack the adapters (on the model thread, between steps); running requests of a removed adapter end with 404."
     old = self.fast.names
@@ -695,6 +696,5 @@ def _rebuild(self: FastEngine):
             if fut is not None and not fut.done():
                 fut.get_loop().call_soon_threadsafe(
                     lambda f=fut, n=name: f.done() or f.set_exception(UnknownAdapter(f"Adapter {n!r} was unloaded")))
-FastEngine._rebuild = _rebuild
 
 ENGINES["fast"] = FastEngine

@@ -9,10 +9,9 @@ from dataclasses import dataclass, asdict, field, fields
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['TrainConfig', 'lr_lambda', 'MultiLoRATrainer', 'save_checkpoint', 'verify_checkpoint', 'latest_checkpoint',
-           'load_checkpoint', 'read_metrics', 'plot_losses', 'evaluate_loss', 'train', 'summary', 'load_config',
-           'tasks_from_config', 'trainer_from_config', 'run_from_config', 'demo_config', 'publish_demo_run',
-           'demo_adapters']
+__all__ = ['TrainConfig', 'lr_lambda', 'MultiLoRATrainer', 'verify_checkpoint', 'latest_checkpoint', 'read_metrics',
+           'plot_losses', 'load_config', 'tasks_from_config', 'trainer_from_config', 'run_from_config', 'demo_config',
+           'publish_demo_run', 'demo_adapters']
 
 # %% ../nbs/04_training.ipynb #55394fb9
 import numpy as np
@@ -25,6 +24,8 @@ from .model import _atomic_folder, load_base_model, prepare_for_training, pick_c
 from .adapters import Task, adapter_parameters, activate_adapter, attach_adapters, save_adapters, adapter_names
 from .data import CompletionCollator, PackingCollator, batch_tokens, model_inputs, tokenize_task, IGNORE_INDEX
 from .sampler import MultiTaskDataset, TemperatureBatchSampler
+from fastcore.basics import patch
+
 
 # %% ../nbs/04_training.ipynb #0ac22a60
 @dataclass
@@ -131,6 +132,7 @@ class MultiLoRATrainer:
         self.step, self.updates, self.skipped, self.history = 0, {n: 0 for n in self.tasks}, {n: 0 for n in self.tasks}, []
 
 # %% ../nbs/04_training.ipynb #2df0d034
+@patch
 def _setup_model(self: MultiLoRATrainer, model):
     "Prepare the model and build one optimizer per adapter, over *all* its parameters."
     prepare_for_training(model, gradient_checkpointing=self.gradient_checkpointing)
@@ -149,9 +151,9 @@ def _setup_model(self: MultiLoRATrainer, model):
     in_opt = {n: sum(p.numel() for g in o.param_groups for p in g["params"]) for n, o in self.optimizers.items()}
     for n in self.tasks:
         assert in_opt[n] == sum(p.numel() for p in self.params[n]) > 0, f"adapter {n} is not fully in its optimizer"
-MultiLoRATrainer._setup_model = _setup_model
 
 # %% ../nbs/04_training.ipynb #51176c1d
+@patch
 def _train_step(self: MultiLoRATrainer, task: str, features: list[dict]) -> dict:
     "One update of `task`'s adapter from one task-homogeneous draw, accumulated over micro-batches."
     activate_adapter(self.unwrapped, task)
@@ -195,7 +197,6 @@ def _train_step(self: MultiLoRATrainer, task: str, features: list[dict]) -> dict
     if world > 1: tokens = int(self.acc.reduce(torch.tensor(tokens, device=self.acc.device), "sum"))
     return {"step": self.step + 1, "task": task, "loss": loss_sum if finite else float("nan"), "tokens": tokens,
             "lr": self.schedulers[task].get_last_lr()[0], "grad_norm": grad_norm, "skipped": not finite}
-MultiLoRATrainer._train_step = _train_step
 
 # %% ../nbs/04_training.ipynb #a4cfff04
 def _sha256(path: Path) -> str:
@@ -217,6 +218,7 @@ def _set_rng_state(s: dict):
     if "cuda" in s and torch.cuda.is_available(): torch.cuda.set_rng_state_all(s["cuda"])
 
 # %% ../nbs/04_training.ipynb #dc03807a
+@patch
 def save_checkpoint(self: MultiLoRATrainer) -> Path | None:
     "Write adapters, optimizer, scheduler, sampler and RNG states atomically; keep the newest `keep_checkpoints`."
     self.acc.wait_for_everyone()
@@ -236,7 +238,6 @@ def save_checkpoint(self: MultiLoRATrainer) -> Path | None:
     _atomic_folder(target, write)
     for old in sorted(root.glob("step-*"))[:-self.cfg.keep_checkpoints]: shutil.rmtree(old, ignore_errors=True)
     return target
-MultiLoRATrainer.save_checkpoint = save_checkpoint
 
 # %% ../nbs/04_training.ipynb #e886060c
 def verify_checkpoint(path: Path) -> dict:
@@ -256,6 +257,7 @@ def latest_checkpoint(output_dir) -> tuple[Path, dict] | None:
     return None
 
 # %% ../nbs/04_training.ipynb #5c84bb76
+@patch
 def load_checkpoint(self: MultiLoRATrainer) -> int:
     "Restore the newest valid checkpoint; return its step (0 if there is none)."
     found = latest_checkpoint(self.out)
@@ -276,7 +278,6 @@ def load_checkpoint(self: MultiLoRATrainer) -> int:
     self.step, self.updates, self.skipped = state["step"], state["updates"], state["skipped"]
     self.history = [r for r in read_metrics(self.out) if r["step"] <= self.step]
     return self.step
-MultiLoRATrainer.load_checkpoint = load_checkpoint
 
 # %% ../nbs/04_training.ipynb #fdef5aff
 def read_metrics(output_dir) -> list[dict]:
@@ -310,6 +311,7 @@ def plot_losses(history: list[dict], ax=None, smooth: float = 0.8):
     return ax
 
 # %% ../nbs/04_training.ipynb #2527c4f3
+@patch
 @torch.no_grad()
 def evaluate_loss(self: MultiLoRATrainer) -> dict[str, float]:
     "Token-weighted validation loss of each task with its own adapter."
@@ -325,9 +327,9 @@ def evaluate_loss(self: MultiLoRATrainer) -> dict[str, float]:
             tot, cnt = tot + loss.item() * k, cnt + k
         res[n] = tot / cnt
     return res
-MultiLoRATrainer.evaluate_loss = evaluate_loss
 
 # %% ../nbs/04_training.ipynb #5015b16e
+@patch
 def train(self: MultiLoRATrainer, resume: bool = False) -> dict:
     "Run until `max_steps` updates, checkpointing along the way; return a summary."
     cfg = self.cfg
@@ -365,18 +367,18 @@ def train(self: MultiLoRATrainer, resume: bool = False) -> dict:
         if log: log.close()
     if self.acc.is_main_process: save_adapters(self.unwrapped, self.out/"adapters", tasks=list(self.tasks.values()))
     return self.summary()
-MultiLoRATrainer.train = train
 
 # %% ../nbs/04_training.ipynb #618229b6
+@patch
 def _batches(self: MultiLoRATrainer):
     "The sampler's batches, epoch after epoch."
     while True:
         n = 0
         for idx in self.sampler: n += 1; yield idx
         if n == 0: raise RuntimeError("The sampler yielded no batch")
-MultiLoRATrainer._batches = _batches
 
 # %% ../nbs/04_training.ipynb #9e9ba9a2
+@patch
 def summary(self: MultiLoRATrainer) -> dict:
     "Per-task updates, skipped steps, and mean training loss over the first and last fifth of its steps."
     out = {}
@@ -386,7 +388,6 @@ def summary(self: MultiLoRATrainer) -> dict:
         out[n] = {"updates": self.updates[n], "skipped": self.skipped[n],
                   "first_loss": float(np.mean(ls[:k])) if ls else None, "last_loss": float(np.mean(ls[-k:])) if ls else None}
     return out
-MultiLoRATrainer.summary = summary
 
 # %% ../nbs/04_training.ipynb #70616320
 def load_config(path) -> dict:
@@ -444,13 +445,13 @@ def run_from_config(config: dict, resume: bool = False, overrides: dict | None =
 def demo_config(steps: int | None = None, output_dir: str | None = None) -> dict:
     "The demo run's config: both built-in tasks, sized for a few minutes on a CPU or a longer run on a GPU."
     on_gpu = torch.cuda.is_available()
-    steps = steps or (600 if on_gpu else 64)
+    steps = steps or (600 if on_gpu else 160)
     return {"quantization": "nf4",
             "train": {"output_dir": output_dir or "runs/demo", "max_steps": steps, "batch_size": 8 if on_gpu else 4,
-                      "learning_rate": 3e-4 if on_gpu else 1e-3, "temperature": 2.0, "max_length": 384,
+                      "learning_rate": 5e-4 if on_gpu else 2e-3, "temperature": 2.0 if on_gpu else 4.0, "max_length": 384,
                       "checkpoint_every": max(1, steps // 2), "keep_checkpoints": 1, "seed": 0},
             "tasks": [{"preset": "summarization", "data": "builtin:summarization"},
-                      {"preset": "sql_generation", "data": "builtin:sql_generation"}]}
+                      {"preset": "sql_generation", "data": "builtin:sql_generation", "learning_rate": 1e-3 if on_gpu else 3e-3}]}
 
 # %% ../nbs/04_training.ipynb #f7051508
 def _demo_dir(steps: int | None = None) -> Path:
