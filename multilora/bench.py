@@ -7,10 +7,12 @@ from __future__ import annotations
 import json, math, os, random, re, shutil, subprocess, sys, tempfile, time
 from dataclasses import replace
 from pathlib import Path
+from typing import Callable
 
 # %% auto #0
-__all__ = ['SHAPES', 'random_model', 'random_adapters', 'seed_train_loop', 'bench_train', 'format_train_bench', 'bench_kernels',
-           'format_kernel_bench', 'eval_summary', 'run_tutorial', 'format_tutorial']
+__all__ = ['SHAPES', 'CLIENTS', 'random_model', 'random_adapters', 'seed_train_loop', 'bench_train', 'format_train_bench',
+           'bench_serve', 'bench_prompts', 'format_bench', 'bench_kernels', 'format_kernel_bench', 'eval_summary',
+           'run_tutorial', 'format_tutorial']
 
 # %% ../nbs/10_benchmarks.ipynb #40c49ec5
 import numpy as np
@@ -74,6 +76,17 @@ def random_adapters(base_model: str | os.PathLike, out: str | os.PathLike, seed:
                 w[p + "lora_B.weight"] = (torch.randn(o, r, generator=g) * std).to(torch.bfloat16)
         save_file(w, out/name/"adapter_model.safetensors")
     return out
+
+# %% ../nbs/10_benchmarks.ipynb #79092706
+def _save(res: dict, output: str | os.PathLike | None) -> dict:
+    "Write `res` to `output` as JSON, if an output is given; return it."
+    if output is not None: Path(output).write_text(json.dumps(res, indent=2))
+    return res
+
+def _report(res: dict, table: Callable[[dict], str], verbose: bool, output: str | os.PathLike | None) -> dict:
+    "The end of every suite: print `res` as a table if `verbose`, save it, return it."
+    if verbose: print(table(res))
+    return _save(res, output)
 
 # %% ../nbs/10_benchmarks.ipynb #4ba8bd81
 def seed_train_loop(model, tasks: list[str], data: dict, steps: int, batch_size: int, max_length: int = 512,
@@ -175,9 +188,7 @@ def bench_train(base_model: str | os.PathLike | None = None, steps: int = 20, ba
                                                           "peak_memory_gb": _peak_gb(), "batch_size": memory_batch_size}
     seed = res["runs"]["seed loop (pad to 512)"]["useful_tokens_per_s"]
     for v in res["runs"].values(): v["vs_seed"] = round(v["useful_tokens_per_s"] / seed, 2)
-    if verbose: print(format_train_bench(res))
-    if output is not None: Path(output).write_text(json.dumps(res, indent=2))
-    return res
+    return _report(res, format_train_bench, verbose, output)
 
 def format_train_bench(res: dict) -> str:
     "The training benchmark as a table."
@@ -187,6 +198,150 @@ def format_train_bench(res: dict) -> str:
     for k, v in res["runs"].items():
         pk = "-" if v["peak_memory_gb"] is None else f"{v['peak_memory_gb']:.2f}"
         lines.append(f"{k:<44} {v['batch_size']:>5} {v['useful_tokens_per_s']:>12.1f} {v['vs_seed']:>6.2f}x {pk:>8}")
+    return "\n".join(lines)
+
+# %% ../nbs/10_benchmarks.ipynb #534a004c
+import asyncio, statistics
+from .adapters import adapter_names
+from .engine import ENGINES, load_for_serving, make_engine
+from .server import BackgroundServer, create_app
+from .testing import marker_adapters
+
+# %% ../nbs/10_benchmarks.ipynb #b295c7c4
+async def _bench_level(url: str, models: list[str], concurrency: int, n_requests: int, max_new_tokens: int,
+                       prompts: list[str], api_key: str | None = None, ignore_eos: bool = False) -> dict:
+    "`concurrency` clients send `n_requests` completions in all; throughput and latency."
+    import httpx
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    lat, toks, errors, counter = [], 0, 0, iter(range(n_requests))
+    async with httpx.AsyncClient(base_url=url, timeout=600, headers=headers,
+                                 limits=httpx.Limits(max_connections=concurrency + 4)) as client:
+        async def worker():
+            nonlocal toks, errors
+            for i in counter:
+                body = {"model": models[i % len(models)], "prompt": prompts[i % len(prompts)], "max_tokens": max_new_tokens,
+                        "temperature": 0, "ignore_eos": ignore_eos}
+                t0 = time.perf_counter()
+                r = await client.post("/v1/completions", json=body)
+                if r.status_code != 200: errors += 1; continue
+                lat.append(time.perf_counter() - t0); toks += r.json()["usage"]["completion_tokens"]
+        t0 = time.perf_counter()
+        await asyncio.gather(*[worker() for _ in range(concurrency)])
+        wall = time.perf_counter() - t0
+    q = statistics.quantiles(lat, n=20, method="inclusive") if len(lat) > 1 else lat * 19
+    return {"concurrency": concurrency, "requests": len(lat), "errors": errors, "wall_s": round(wall, 3), "started": round(t0, 4),
+            "requests_per_s": round(len(lat) / wall, 3), "tokens_per_s": round(toks / wall, 3),
+            "p50_latency_s": round(statistics.median(lat), 3), "p95_latency_s": round(q[18], 3)}
+
+def _bench_level_sync(*args, **kw) -> dict:
+    "`_bench_level` run to its end: the body of the benchmark's client process."
+    return asyncio.run(_bench_level(*args, **kw))
+
+CLIENTS = ("process", "thread")
+
+def bench_serve(adapters: str | os.PathLike | None = None, engines: tuple[str, ...] = ("locked", "batched"),
+                concurrency: tuple[int, ...] = (1, 4, 8, 16), max_new_tokens: int = 16, requests_per_level: int | None = None,
+                max_batch_size: int = 16, base_model: str | None = None, quantization: str = "nf4",
+                output: str | os.PathLike | None = "bench_serve.json", include_base: bool = True, verbose: bool = True,
+                base_only: bool = False, ignore_eos: bool = True, prompt_tokens: int | None = None,
+                max_concurrency: dict[str, int] | None = None, engine_kw: dict | None = None, clients: str = "process",
+                waves: int = 2) -> dict:
+    "Benchmark the engines side by side over HTTP on loopback: requests/s, tokens/s, p50/p95 latency per concurrency."
+    unknown = set(engines) - set(ENGINES)
+    if unknown: raise ValueError(f"Unknown engine(s) {sorted(unknown)}; choose from {', '.join(sorted(ENGINES))}")
+    if clients not in CLIENTS: raise ValueError(f"clients must be one of {CLIENTS}, not {clients!r}")
+    tmp, pool = None, None
+    if clients == "process":   # the load generator in a process of its own, so it does not take the server's GIL
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+        pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+        from multilora.bench import _bench_level_sync as client   # by its module path, which the spawned process imports
+    level = (lambda *a, **kw: pool.submit(client, *a, **kw).result()) if pool else _bench_level_sync
+    if adapters is None:   # marker adapters never emit EOS, so every request generates exactly max_new_tokens
+        tmp = tempfile.mkdtemp(prefix="multilora-bench-")
+        from multilora.model import load_tokenizer
+        adapters = marker_adapters(load_tokenizer(base_model), tmp, {"alpha": " alpha", "beta": " beta", "gamma": " gamma"})
+    try:
+        model, tok, name, _ = load_for_serving(adapters, base_model, quantization)
+        models = adapter_names(model) + ([name] if include_base else [])
+        prompts = bench_prompts(tok, prompt_tokens)
+        results = {"config": {"max_new_tokens": max_new_tokens, "max_batch_size": max_batch_size, "models": models,
+                              "prompt_tokens": [len(tok(p)["input_ids"]) for p in prompts], "ignore_eos": ignore_eos,
+                              "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                              "device": str(model.device), "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+                              "engine_kw": engine_kw or {}, "clients": clients}, "engines": {}}
+        runs = [r for e in engines for r in [(e, models)] + ([(f"{e}/base", [name])] if base_only and e != "locked" else [])]
+        for label, served in runs:
+            e = label.split("/")[0]
+            eng = make_engine(model, tok, e, max_batch_size=max_batch_size, base_name=name, max_queue=1024,
+                              **(engine_kw or {}).get(e, {}))
+            rows = []
+            with BackgroundServer(create_app(eng, max_new_tokens=max(1024, max_new_tokens))) as url:
+                level(url, served, min(max(concurrency), max_batch_size), min(max(concurrency), max_batch_size),
+                      2, prompts, ignore_eos=ignore_eos)   # warm-up (and CUDA graph capture)
+                for c in concurrency:
+                    if c > (max_concurrency or {}).get(e, c): continue
+                    n = requests_per_level or max(waves * c, 4)   # each client sends `waves` requests
+                    rows.append(level(url, served, c, n, max_new_tokens, prompts, ignore_eos=ignore_eos))
+                    if verbose: print(f"{label:>12} c={c:<3} {rows[-1]['tokens_per_s']:9.2f} tok/s  p95 {rows[-1]['p95_latency_s']:.2f}s", flush=True)
+            results["engines"][label] = rows
+            if hasattr(eng, "fast"): results["config"][f"{label} cuda_graphs"] = eng.fast.cuda_graphs or eng.fast.graph_error
+            if hasattr(eng, "fast"): results["config"][f"{label} dequantize"] = eng.fast.dequantize     # the path it ran, after any fallback
+            if hasattr(eng, "fast"): results["config"][f"{label} timing"] = {**eng.fast.timing, "decode_steps": eng.fast.steps}
+            if hasattr(eng, "fast"): results["config"][f"{label} trace"] = list(eng.fast.trace)   # per step, for plots
+            _save(results, output)   # partial results survive a kill
+            del eng
+            if torch.cuda.is_available(): torch.cuda.empty_cache()
+        _report(results, format_bench, verbose, output)
+        return results
+    finally:
+        if tmp: shutil.rmtree(tmp, ignore_errors=True)
+        if pool: pool.shutdown()
+
+def bench_prompts(tokenizer, prompt_tokens: int | None = None) -> list[str]:
+    "The benchmark's prompts, each stretched to about `prompt_tokens` tokens when given."
+    prompts = ["Summarize: Anna and Tom meet at the cinema at seven.", "Write SQL: count the users older than 30.",
+               "What is the capital of France?", "List three colours."]
+    if prompt_tokens is None: return prompts
+    filler = tokenizer(" The notes go on with more details about the plan.", add_special_tokens=False)["input_ids"]
+    out = []
+    for p in prompts:
+        ids = tokenizer(p, add_special_tokens=False)["input_ids"]
+        while len(ids) < prompt_tokens: ids = ids + filler
+        out.append(tokenizer.decode(ids[:prompt_tokens]))
+    return out
+
+def format_bench(results: dict) -> str:
+    "The benchmark as a table, then each engine's speed-up over `locked` and its adapter overhead (vs its base-only run)."
+    head = f"{'engine':<13} {'conc':>4} {'req/s':>7} {'tok/s':>9} {'p50 s':>7} {'p95 s':>7} {'errors':>6}"
+    lines = [head, "-" * len(head)]
+    for e, rows in results["engines"].items():
+        lines += [f"{e:<13} {r['concurrency']:>4} {r['requests_per_s']:>7.3f} {r['tokens_per_s']:>9.2f} {r['p50_latency_s']:>7.2f} "
+                  f"{r['p95_latency_s']:>7.2f} {r['errors']:>6}" for r in rows]
+    eng = {e: {r["concurrency"]: r for r in rows} for e, rows in results["engines"].items()}
+    for e, by_c in eng.items():
+        if e == "locked" or "/" in e or "locked" not in eng: continue
+        for c, r in by_c.items():
+            lk = eng["locked"].get(c)
+            if lk and lk["tokens_per_s"]:
+                lines.append(f"concurrency {c:>2}: {e}/locked tokens/s = {r['tokens_per_s'] / lk['tokens_per_s']:.2f}x, "
+                             f"p95 {r['p95_latency_s']:.2f}s vs {lk['p95_latency_s']:.2f}s")
+    for e, by_c in eng.items():
+        if f"{e}/base" not in eng: continue
+        for c, r in by_c.items():
+            b = eng[f"{e}/base"].get(c)
+            if b and r["tokens_per_s"]:
+                lines.append(f"concurrency {c:>2}: {e} adapter overhead = base-only/adapters tokens/s = {b['tokens_per_s'] / r['tokens_per_s']:.2f}x")
+    for k, t in results["config"].items():
+        if k.endswith(" dequantize"):     # a fallback (say, a failed compile) changes every figure: say so beside them
+            asked = results["config"].get("engine_kw", {}).get(k.split(" ")[0].split("/")[0], {}).get("dequantize", "auto")
+            lines.append(f"{k[:-11]} NF4 path: {t}" + (f" (asked for {asked!r}: it fell back)" if asked not in ("auto", t) else ""))
+        if k.endswith(" timing") and t["steps_s"]:
+            host = t["steps_s"] - t["prefill_s"] - t["decode_s"]
+            lines.append(f"{k[:-7]} scheduler time {t['steps_s']:.1f}s = prefill {t['prefill_s']:.1f}s ({t['prefills']} calls"
+                         + (f", {t['prefill_tokens'] / max(t['prefill_s'], 1e-9):,.0f} prompt tokens/s" if "prefill_tokens" in t else "") + ") + decode "
+                         f"{t['decode_s']:.1f}s ({t['decode_steps']} steps, {t['decode_s'] / max(1, t['decode_steps']) * 1e3:.1f} ms each) + host {host:.1f}s"
+                         + (f"; between steps {t['between_s']:.1f}s" if "between_s" in t else ""))
     return "\n".join(lines)
 
 # %% ../nbs/10_benchmarks.ipynb #370cb722
@@ -244,9 +399,7 @@ def bench_kernels(shape: str = "tiny", rows: tuple[int, ...] = (1, 16, 64), reps
         for k in ("bnb_us", "dequantize_mm_us", "fused_us", "16bit_us"):
             vals = [None if r[k] is None else r[k] * r["per_block"] for r in res["layers"] if r["rows"] == n]
             res["per_step_ms"].setdefault(str(n), {})[k[:-3]] = None if None in vals else round(sum(vals) * blocks / 1e3, 2)
-    if verbose: print(format_kernel_bench(res))
-    if output is not None: Path(output).write_text(json.dumps(res, indent=2))
-    return res
+    return _report(res, format_kernel_bench, verbose, output)
 
 def format_kernel_bench(res: dict) -> str:
     "The kernel benchmark as a table, then the decode-step totals."

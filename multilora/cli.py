@@ -97,7 +97,7 @@ def _cmd_serve(args):
 def _cmd_bench(args):
     "Benchmarks (`serve`, `train`, `kernels`, `tutorial`) and their inputs (`model`: a random-weights model of a real shape; `adapters`: random adapters)."
     if args.suite == "serve":
-        from multilora.server import bench_serve
+        from multilora.bench import bench_serve
         engines = tuple(args.engines.split(","))
         bench_serve(args.adapters, engines=engines, concurrency=tuple(int(c) for c in args.concurrency.split(",")),
                     max_new_tokens=args.max_new_tokens, max_batch_size=args.max_batch_size, base_model=args.base,

@@ -20,6 +20,8 @@ from rouge_score import rouge_scorer
 from .model import load_base_model, generate
 from .adapters import load_adapters, saved_templates, adapter_names, SUMMARIZATION_TEMPLATE, SQL_TEMPLATE
 from .builtin_data import load_builtin, sql_database_path
+from .engine import BASE
+
 
 # %% ../nbs/05_evaluation.ipynb #35dfb14b
 def clean_generation(text: str) -> str:
@@ -146,7 +148,7 @@ def generate_answers(model, tokenizer, prompts: list[str], adapter: str | None =
                      batch_size: int = 8, progress: bool = False, fast=None) -> tuple[list[str], list[bool]]:
     "Greedy answers to `prompts` from `adapter` (None: the bare base model), cleaned; and which of them ran on."
     if fast is not None:   # the fast engine's runner (`fast_runner`): continuous batching, the adapter named per request
-        res = fast.generate_texts(prompts, [adapter or _BASE] * len(prompts), max_new_tokens, stop=_STOP)
+        res = fast.generate_texts(prompts, [adapter or BASE] * len(prompts), max_new_tokens, stop=_STOP)
         return [clean_generation(r.text) for r in res], [not r.stop_token for r in res]
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     answers, ran_on = [None] * len(prompts), [False] * len(prompts)
@@ -166,8 +168,6 @@ def generate_answers(model, tokenizer, prompts: list[str], adapter: str | None =
     return answers, ran_on
 
 # %% ../nbs/05_evaluation.ipynb #5db30561
-_BASE = "__base__"   # the fast engine's name for the bare base model (`multilora.server.BASE`)
-
 def fast_runner(model, tokenizer, max_len: int, max_batch_size: int = 64):
     "The fast engine's runner over `model` and all its adapters, ready to generate; None where it does not support the model."
     from multilora.fast import FastLoRA   # a later chapter's engine, imported only when evaluation uses it

@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 
 # %% auto #0
 __all__ = ['SUPPORTED_MODELS', 'PROJECTIONS', 'GROUPS', 'DEQUANTIZE', 'base_linear', 'AdapterRows', 'StackedLoRA', 'is_nf4',
-           'nf4_dequantize', 'nf4_scales', 'FastLoRA', 'rounding_gap', 'Sequence', 'sample_next', 'FastEngine']
+           'standard_nf4_layout', 'nf4_dequantize', 'nf4_scales', 'FastLoRA', 'rounding_gap', 'Sequence', 'sample_next',
+           'FastEngine']
 
 # %% ../nbs/07a_fast_engine.ipynb #77eb68e9
 import torch
@@ -19,7 +20,7 @@ from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 from .model import stop_token_ids
 from .adapters import adapter_names
-from .server import (BASE, BadRequest, Engine, ENGINES, GenRequest, GenResult, QueueFull, RowTracker,
+from .engine import (BASE, BadRequest, Engine, GenRequest, GenResult, QueueFull, RowTracker,
                               ServerError, UnknownAdapter)
 from fastcore.basics import patch
 
@@ -108,6 +109,15 @@ def is_nf4(module: torch.nn.Module) -> bool:
     qs = getattr(getattr(module, "weight", None), "quant_state", None)
     return isinstance(module, bnb.nn.Linear4bit) and qs is not None and qs.quant_type == "nf4"
 
+def standard_nf4_layout(module: torch.nn.Module) -> bool:
+    "Undo, in place, bitsandbytes' repacking of a 4-bit layer for its AVX512-BF16 CPU kernel (see `keep_nf4_layout`); whether it had to."
+    w = module.weight
+    module.support_avx512bf16_for_cpu = False   # and never again
+    if not getattr(w.quant_state, "packing_format_for_cpu", False): return False
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+    w.data, w.quant_state = _convert_weight_packed_for_cpu_inverse(w.data, w.quant_state)
+    return True
+
 def nf4_dequantize(weight, dequantize=_dequantize_nf4) -> torch.Tensor:
     "bitsandbytes' NF4 weight (`Params4bit`) as a dense matrix, in plain PyTorch ops that CUDA graphs can capture."
     qs = weight.quant_state
@@ -156,6 +166,8 @@ class FastLoRA:
                  max_prefill_tokens: int = 8192, dequantize: str = "auto"):
         self.model = model
         self.base = model.get_base_model() if isinstance(model, PeftModel) else model
+        for m in self.base.modules():                            # the bytes this engine reads must be bitsandbytes' NF4 layout
+            if is_nf4(m): standard_nf4_layout(m)
         cfg = self.base.config
         _check_architecture(cfg, max_len)
         inner = self.base.model
@@ -614,17 +626,14 @@ class FastEngine(Engine):
             self.wake = asyncio.Event()
             self.task = asyncio.create_task(self._loop())
 
-    async def submit(self, req: GenRequest) -> GenResult:
-        self.check(req)
+    async def _enqueue(self, req: GenRequest) -> asyncio.Future:
+        "Hand `req` to the scheduler; it joins the running batch at the next step."
         await self.start()
-        fut = asyncio.get_running_loop().create_future()
-        self.futures[req.id] = fut
+        fut = self.futures[req.id] = asyncio.get_running_loop().create_future()
         self.fast.add(req); self.wake.set()
-        try: out = await fut
-        except asyncio.CancelledError:
-            req.cancelled.set(); self.metrics.error(req.adapter, "cancelled"); raise
-        finally: self.futures.pop(req.id, None)
-        return self._finish(req, out)
+        return fut
+
+    def _dequeue(self, req: GenRequest): self.futures.pop(req.id, None)
 
 # %% ../nbs/07a_fast_engine.ipynb #839b51d4
 @patch
@@ -696,5 +705,3 @@ def _rebuild(self: FastEngine):
             if fut is not None and not fut.done():
                 fut.get_loop().call_soon_threadsafe(
                     lambda f=fut, n=name: f.done() or f.set_exception(UnknownAdapter(f"Adapter {n!r} was unloaded")))
-
-ENGINES["fast"] = FastEngine

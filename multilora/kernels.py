@@ -13,7 +13,7 @@ __all__ = ['CONFIGS', 'MAX_ROWS', 'KernelConfig', 'NF4Matmul', 'tune']
 # %% ../nbs/07b_nf4_kernel.ipynb #98fdd3d9
 import torch
 import torch.nn.functional as F
-from .fast import is_nf4, nf4_dequantize, nf4_scales
+from .fast import is_nf4, nf4_dequantize, nf4_scales, standard_nf4_layout
 try: import triton, triton.language as tl
 except ImportError: triton = tl = None
 
@@ -83,6 +83,7 @@ class NF4Matmul:
     "A bitsandbytes NF4 `Linear4bit` as one fused dequantize-and-multiply kernel, for up to `MAX_ROWS` rows."
     def __init__(self, layer: torch.nn.Module):
         if not is_nf4(layer): raise ValueError(f"NF4Matmul reads bitsandbytes NF4 layers, not {type(layer).__name__}")
+        standard_nf4_layout(layer)
         qs = layer.weight.quant_state
         self.out_features, self.in_features = qs.shape
         if self.in_features % qs.blocksize or qs.blocksize % 2:

@@ -12,7 +12,7 @@ __all__ = ['EMBEDDED_PACKAGE', 'EMBEDDED_GGUF', 'EMBEDDED_NAME', 'INSTALL_EMBEDD
            'EMBEDDED_CONVERSION', 'CONVERSION_FILE', 'QUANTIZATIONS', 'cache_dir', 'embedded_gguf_path',
            'embedded_model_path', 'resolve_model', 'default_device', 'pick_compute_dtype', 'quantization_config',
            'ensure_pad_token', 'stop_token_ids', 'chat_turn_end_id', 'align_stop_tokens', 'load_tokenizer',
-           'load_base_model', 'memory_footprints', 'generate', 'prepare_for_training']
+           'keep_nf4_layout', 'load_base_model', 'memory_footprints', 'generate', 'prepare_for_training']
 
 # %% ../nbs/00_model.ipynb #48a6a07f
 import torch
@@ -216,6 +216,14 @@ def load_tokenizer(model: str | os.PathLike | None = None,
     align_stop_tokens(tok, generation_config if generation_config is not None else _generation_config(ref), eos_token)
     return ensure_pad_token(tok)
 
+# %% ../nbs/00_model.ipynb #0acd7bd1
+def keep_nf4_layout(model) -> int:
+    "Keep bitsandbytes' standard 4-bit layout on CPUs with AVX512-BF16; return how many layers it applies to."
+    n = 0
+    for m in model.modules():
+        if getattr(m, "support_avx512bf16_for_cpu", False): m.support_avx512bf16_for_cpu = False; n += 1
+    return n
+
 # %% ../nbs/00_model.ipynb #d73bc871
 def load_base_model(model: str | os.PathLike | None = None, # local folder, hub id, or None for the embedded default
                     quantization: str = "nf4",               # one of nf4, fp4, int8, none
@@ -246,6 +254,7 @@ def load_base_model(model: str | os.PathLike | None = None, # local folder, hub 
         dtype=compute_dtype, device_map=device_map, **kwargs)
     model.requires_grad_(False)
     model.eval()
+    keep_nf4_layout(model)
     tokenizer = load_tokenizer(ref, eos_token, generation_config=model.generation_config)
     model.config.pad_token_id = tokenizer.pad_token_id
     if model.generation_config is not None: model.generation_config.pad_token_id = tokenizer.pad_token_id

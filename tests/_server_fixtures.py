@@ -2,7 +2,9 @@
 import os, shutil, pytest
 os.environ.setdefault("MULTILORA_CACHE", "/tmp/mlcache")
 from multilora.model import load_tokenizer
-from multilora.server import marker_adapters, load_for_serving, make_engine, create_app, BackgroundServer
+from multilora.engine import load_for_serving, make_engine
+from multilora.server import create_app, BackgroundServer
+from multilora.testing import marker_adapters
 
 @pytest.fixture(scope="session")
 def adapter_root(tmp_path_factory):

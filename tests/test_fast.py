@@ -2,7 +2,7 @@
 import asyncio, time
 import httpx, pytest, torch
 from _server_fixtures import adapter_root, loaded, make_server
-from multilora.server import GenRequest, generate_rows, BASE
+from multilora.engine import GenRequest, generate_rows, BASE
 
 def complete(url, model, prompt="Hi", max_tokens=4, **kw):
     return httpx.post(f"{url}/v1/completions", json={"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, **kw}, timeout=300)

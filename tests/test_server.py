@@ -2,7 +2,7 @@
 import asyncio, json, os, threading, time
 import httpx, pytest
 from _server_fixtures import adapter_root, loaded, make_server
-from multilora.server import GenRequest, generate_rows
+from multilora.engine import GenRequest, generate_rows
 
 def complete(url, model, prompt="Hi", max_tokens=4, **kw):
     return httpx.post(f"{url}/v1/completions", json={"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, **kw}, timeout=300)
@@ -104,7 +104,8 @@ def test_adapter_security(make_server, adapter_root, tmp_path):
     finally: (adapter_root/"link").unlink()
 
 def test_no_admin_without_root(loaded):
-    from multilora.server import make_engine, create_app, BackgroundServer
+    from multilora.engine import make_engine
+    from multilora.server import create_app, BackgroundServer
     model, tok, name, _ = loaded
     with BackgroundServer(create_app(make_engine(model, tok, "locked", base_name=name))) as url:
         assert httpx.post(url + "/v1/load_lora_adapter", json={"lora_name": "g", "lora_path": "extra/gamma"}).status_code == 403
@@ -223,7 +224,8 @@ def test_metrics_and_health(make_server):
     assert h["status"] == "ok" and h["adapters"] == ["alpha", "beta"]
 
 def test_graceful_shutdown_finishes_in_flight(loaded):
-    from multilora.server import make_engine, create_app, BackgroundServer
+    from multilora.engine import make_engine
+    from multilora.server import create_app, BackgroundServer
     model, tok, name, _ = loaded
     srv = BackgroundServer(create_app(make_engine(model, tok, "batched", base_name=name, max_batch_size=2)))
     url = srv.__enter__()

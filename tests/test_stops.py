@@ -11,7 +11,8 @@ from datasets import Dataset, DatasetDict
 from multilora.model import load_base_model, generate, stop_token_ids
 from multilora.adapters import PromptTemplate, Task, attach_adapters, save_adapters
 from multilora.train import MultiLoRATrainer, TrainConfig
-from multilora.server import BackgroundServer, create_app, load_for_serving, make_engine
+from multilora.engine import load_for_serving, make_engine
+from multilora.server import BackgroundServer, create_app
 
 CAPITALS = [("France", "Paris"), ("Italy", "Rome"), ("Spain", "Madrid"), ("Germany", "Berlin"), ("Japan", "Tokyo"),
             ("Egypt", "Cairo"), ("Peru", "Lima"), ("Kenya", "Nairobi"), ("Norway", "Oslo"), ("Greece", "Athens"),

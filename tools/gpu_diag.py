@@ -4,7 +4,8 @@ faulthandler.dump_traceback_later(int(sys.argv[2]) if len(sys.argv) > 2 else 300
 from multilora.model import load_base_model
 from multilora.adapters import load_adapters
 from multilora.fast import FastLoRA
-from multilora.server import BASE, bench_prompts
+from multilora.engine import BASE
+from multilora.bench import bench_prompts
 base = sys.argv[1]
 m, tok = load_base_model(base); model = load_adapters(m, "/tmp/diag_adapters"); model.eval()
 print(f"model loaded: {torch.cuda.memory_allocated() / 2**30:.2f} GB", flush=True)
