@@ -13,13 +13,14 @@ from typing import AsyncIterator, Awaitable, Callable
 
 # %% auto #0
 __all__ = ['BASE', 'log', 'LATENCY_BUCKETS', 'BATCH_BUCKETS', 'ENGINES', 'load_for_serving', 'ServerError', 'UnknownAdapter',
-           'QueueFull', 'BadRequest', 'GenRequest', 'GenResult', 'RowTracker', 'generate_rows', 'Histogram', 'Metrics',
+           'QueueFull', 'BadRequest', 'GenRequest', 'GenResult', 'RowTracker', 'generate_rows', 'Metrics',
            'resolve_adapter_path', 'Engine', 'LockedEngine', 'BatchedEngine', 'engine_class', 'make_engine']
 
 # %% ../nbs/07_engine.ipynb #09f63192
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 from peft import PeftModel
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from .model import load_base_model, generate, stop_token_ids, EMBEDDED_NAME
 from .adapters import load_adapters, adapter_names, saved_templates
 
@@ -159,41 +160,32 @@ def generate_rows(model, tokenizer, reqs: list[GenRequest]) -> list[GenResult]:
                       tracker.stop_token[i]) for i, r in enumerate(reqs)]
 
 # %% ../nbs/07_engine.ipynb #bf7aa1c2
-def _labels(**kw) -> str: return "{" + ",".join(f'{k}="{v}"' for k, v in kw.items()) + "}" if kw else ""
-
-class Histogram:
-    "A Prometheus histogram: cumulative bucket counts, sum and count."
-    def __init__(self, buckets): self.buckets, self.counts, self.sum, self.n = tuple(buckets), [0] * len(buckets), 0.0, 0
-    def observe(self, v: float):
-        self.sum += v; self.n += 1
-        for i, b in enumerate(self.buckets):
-            if v <= b: self.counts[i] += 1
-    def lines(self, name: str, **labels) -> list[str]:
-        out = [f"{name}_bucket{_labels(**labels, le=b)} {c}" for b, c in zip(self.buckets, self.counts)]
-        return out + [f"{name}_bucket{_labels(**labels, le='+Inf')} {self.n}", f"{name}_sum{_labels(**labels)} {self.sum:.6f}",
-                      f"{name}_count{_labels(**labels)} {self.n}"]
-
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 
 class Metrics:
-    "Counters, gauges and histograms of one engine, rendered in the Prometheus text format."
+    "Counters, gauges and histograms of one engine, in a prometheus-client registry of its own."
     def __init__(self, window_s: float = 60.0):
-        self.requests = defaultdict(int)                 # (adapter, status) -> count
-        self.tokens = defaultdict(int)                   # adapter -> completion tokens
-        self.prompt_tokens = defaultdict(int)
-        self.latency = defaultdict(lambda: Histogram(LATENCY_BUCKETS))
-        self.batch_sizes = Histogram(BATCH_BUCKETS)
+        r = self.registry = CollectorRegistry()          # one per engine: two engines in a process never share counts
+        self.requests = Counter("multilora_requests", "Requests answered, by adapter and status", ["adapter", "status"], registry=r)
+        self.tokens = Counter("multilora_generated_tokens", "Completion tokens generated", ["adapter"], registry=r)
+        self.prompt_tokens = Counter("multilora_prompt_tokens", "Prompt tokens read", ["adapter"], registry=r)
+        self.latency = Histogram("multilora_request_latency_seconds", "Request latency", ["adapter"], buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_sizes = Histogram("multilora_batch_size", "Requests per model call", buckets=BATCH_BUCKETS, registry=r)
+        self.gauges = {n: Gauge(f"multilora_{n}", h, registry=r) for n, h in [
+            ("queue_depth", "Requests waiting"), ("in_flight", "Requests being generated"),
+            ("adapters_loaded", "Adapters served"), ("tokens_per_second", "Completion tokens per second over the last window")]}
         self.recent = deque()                            # (time, tokens) over the last window, for tokens/s
         self.window_s, self.started = window_s, time.time()
 
     def record(self, res: GenResult):
-        self.requests[(res.adapter, res.finish_reason if res.finish_reason == "cancelled" else "ok")] += 1
-        self.tokens[res.adapter] += res.completion_tokens; self.prompt_tokens[res.adapter] += res.prompt_tokens
-        self.latency[res.adapter].observe(res.latency_s)
+        self.requests.labels(res.adapter, res.finish_reason if res.finish_reason == "cancelled" else "ok").inc()
+        self.tokens.labels(res.adapter).inc(res.completion_tokens)
+        self.prompt_tokens.labels(res.adapter).inc(res.prompt_tokens)
+        self.latency.labels(res.adapter).observe(res.latency_s)
         self.recent.append((time.time(), res.completion_tokens))
 
-    def error(self, adapter: str, status: int): self.requests[(adapter, str(status))] += 1
+    def error(self, adapter: str, status: int | str): self.requests.labels(adapter, str(status)).inc()
 
     def tokens_per_second(self) -> float:
         now = time.time()
@@ -201,21 +193,15 @@ class Metrics:
         span = min(self.window_s, now - self.started)
         return sum(n for _, n in self.recent) / span if span > 0 else 0.0
 
+    def value(self, name: str, **labels) -> float:
+        "The current value of one exposed sample (`multilora_requests_total`, `multilora_batch_size_count`, ...); 0 if never set."
+        return self.registry.get_sample_value(name, labels) or 0.0
+
     def render(self, queue_depth: int, in_flight: int, adapters: list[str]) -> str:
-        L = ["# TYPE multilora_queue_depth gauge", f"multilora_queue_depth {queue_depth}",
-             "# TYPE multilora_in_flight gauge", f"multilora_in_flight {in_flight}",
-             "# TYPE multilora_adapters_loaded gauge", f"multilora_adapters_loaded {len(adapters)}",
-             "# TYPE multilora_tokens_per_second gauge", f"multilora_tokens_per_second {self.tokens_per_second():.3f}",
-             "# TYPE multilora_batch_size histogram", *self.batch_sizes.lines("multilora_batch_size"),
-             "# TYPE multilora_requests_total counter"]
-        L += [f"multilora_requests_total{_labels(adapter=a, status=s)} {n}" for (a, s), n in sorted(self.requests.items())]
-        L += ["# TYPE multilora_generated_tokens_total counter"]
-        L += [f"multilora_generated_tokens_total{_labels(adapter=a)} {n}" for a, n in sorted(self.tokens.items())]
-        L += ["# TYPE multilora_prompt_tokens_total counter"]
-        L += [f"multilora_prompt_tokens_total{_labels(adapter=a)} {n}" for a, n in sorted(self.prompt_tokens.items())]
-        L += ["# TYPE multilora_request_latency_seconds histogram"]
-        for a, h in sorted(self.latency.items()): L += h.lines("multilora_request_latency_seconds", adapter=a)
-        return "\n".join(L) + "\n"
+        "Everything, in the Prometheus text format."
+        for name, v in [("queue_depth", queue_depth), ("in_flight", in_flight), ("adapters_loaded", len(adapters)),
+                        ("tokens_per_second", self.tokens_per_second())]: self.gauges[name].set(v)
+        return generate_latest(self.registry).decode()
 
 # %% ../nbs/07_engine.ipynb #a6623283
 _ADAPTER_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,63}")
