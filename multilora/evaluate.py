@@ -169,16 +169,16 @@ def generate_answers(model, tokenizer, prompts: list[str], adapter: str | None =
 
 # %% ../nbs/05_evaluation.ipynb #5db30561
 def fast_runner(model, tokenizer, max_len: int, max_batch_size: int = 64):
-    "The fast engine's runner over `model` and all its adapters, ready to generate; None where it does not support the model."
-    from multilora.fast import FastLoRA   # a later chapter's engine, imported only when evaluation uses it
+    "The fast engine's scheduler and runner over `model` and all its adapters; None where the runner does not support the model."
+    from multilora.runner import FastLoRA          # a later chapter's engine, imported only when evaluation uses it
+    from multilora.scheduler import Scheduler
     on_gpu = next(model.parameters()).device.type == "cuda"
     # a 16-bit copy of the frozen weights is fastest; take it when it is small next to the free GPU memory
     small = on_gpu and 4 * model.get_memory_footprint() < 0.2 * torch.cuda.mem_get_info()[0]   # NF4 is ~4x smaller
     try: fast = FastLoRA(model, max_batch_size=max_batch_size, max_len=64 * math.ceil(max_len / 64),
                          dequantize="dense" if small else "auto")
     except NotImplementedError: return None
-    fast.init_scheduler(tokenizer)
-    return fast
+    return Scheduler(fast, tokenizer)
 
 # %% ../nbs/05_evaluation.ipynb #a6c4a8d7
 def _score(kind: str, predictions, rows, references, db_path, timeout) -> dict:

@@ -8,12 +8,12 @@ import time, warnings
 from dataclasses import dataclass
 
 # %% auto #0
-__all__ = ['CONFIGS', 'MAX_ROWS', 'KernelConfig', 'NF4Matmul', 'tune']
+__all__ = ['CONFIGS', 'MAX_ROWS', 'KernelConfig', 'NF4Matmul', 'tune', 'FusedPath']
 
 # %% ../nbs/07b_nf4_kernel.ipynb #98fdd3d9
 import torch
 import torch.nn.functional as F
-from .fast import is_nf4, nf4_dequantize, nf4_scales, standard_nf4_layout
+from .nf4 import CompiledPath, is_nf4, nf4_dequantize, nf4_scales, standard_nf4_layout
 try: import triton, triton.language as tl
 except ImportError: triton = tl = None
 
@@ -131,9 +131,15 @@ def _time(fn, reps: int = 20, cuda: bool = True) -> float:
     for _ in range(reps):
         if cuda:
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record(); fn(); b.record(); b.synchronize(); times.append(a.elapsed_time(b) / 1e3)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b) / 1e3)
         else:
-            t0 = time.perf_counter(); fn(); times.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
     return sorted(times)[len(times) // 2]
 
 def tune(op: NF4Matmul, rows: int, configs=CONFIGS) -> dict[KernelConfig, float]:
@@ -147,3 +153,31 @@ def tune(op: NF4Matmul, rows: int, configs=CONFIGS) -> dict[KernelConfig, float]
     if not timings: raise RuntimeError(f"no tiling of the fused NF4 matmul ran for {rows} rows")
     _BEST[op.key(rows, x.dtype)] = min(timings, key=timings.get)
     return timings
+
+# %% ../nbs/07b_nf4_kernel.ipynb #4d03f1f7
+class FusedPath(CompiledPath):
+    "Decode-sized inputs through the fused NF4 matmul, larger ones (prefill) through the compiled dequantization."
+    name = "fused"
+
+    @property
+    def fallback(self) -> tuple[str, ...]: return ("compiled", "torch") if self.device.type == "cuda" else ("torch",)
+
+    def start(self):
+        if self.device.type == "cuda": super().start()           # prefills: the compiled dequantization
+        ops, self.kernel_checks = {m: NF4Matmul(m) for m in self.nf4}, {}
+        for m in self.shapes().values():
+            op = ops[m]
+            for rows in sorted({min(b, MAX_ROWS) for b in self.decode_rows}):
+                tune(op, rows)
+                x = torch.randn(rows, op.in_features, device=self.device, dtype=op.dtype)
+                want = F.linear(x, nf4_dequantize(m.weight).to(op.dtype)).float()
+                rel = ((op(x).float() - want).norm() / want.norm().clamp_min(1e-12)).item()
+                self.kernel_checks[(tuple(op.packed.shape), rows)] = rel
+                if not rel <= (1e-4 if op.dtype == torch.float32 else 1e-2):
+                    raise RuntimeError(f"fused NF4 matmul differs from dequantize-then-matmul (relative error {rel:.3g})")
+        self.ops = ops
+
+    def apply(self, lin, x):
+        op = self.ops.get(lin)
+        if op is not None and op.fits(x): return op(x).to(x.dtype)    # decode: the fused kernel
+        return super().apply(lin, x)

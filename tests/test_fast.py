@@ -23,7 +23,7 @@ def test_greedy_matches_peft_generate_under_load(make_server, loaded):
         adapter = BASE if b["model"] == name else b["model"]
         alone = generate_rows(model, tok, [GenRequest(b["prompt"], adapter, b["max_tokens"])])[0]
         assert r.json()["choices"][0]["text"] == alone.text, (b, r.json(), alone)
-    assert eng.fast.active == {} and not eng.fast.waiting
+    assert eng.scheduler.active == {} and not eng.scheduler.waiting
 
 def test_too_long_for_the_cache_is_a_400(make_server):
     url, _ = make_server("fast", max_len=64)
@@ -33,19 +33,19 @@ def test_too_long_for_the_cache_is_a_400(make_server):
 
 def test_a_failing_step_fails_only_its_requests(make_server):
     url, eng = make_server("fast", max_batch_size=4)
-    real, calls = eng.fast.decode, []
+    real, calls = eng.runner.decode, []
     def flaky(*a, **kw):
         calls.append(1)
         if len(calls) == 1: raise torch.cuda.OutOfMemoryError("simulated out of memory")
         return real(*a, **kw)
-    eng.fast.decode = flaky
+    eng.runner.decode = flaky
     r = complete(url, "alpha", max_tokens=3)
     assert r.status_code == 500 and "Traceback" not in r.text
-    assert eng.fast.active == {}                                # its slot was freed
+    assert eng.scheduler.active == {}                                # its slot was freed
     assert complete(url, "beta", max_tokens=3).json()["choices"][0]["text"] == " beta beta beta"
 
 def test_unsupported_model_is_a_clear_error(loaded):
-    from multilora.fast import FastLoRA
+    from multilora.runner import FastLoRA
     model, *_ = loaded
     cfg = model.get_base_model().config
     old = cfg.model_type
@@ -56,14 +56,14 @@ def test_unsupported_model_is_a_clear_error(loaded):
 
 def test_a_failing_prefill_fails_only_its_requests(make_server):
     url, eng = make_server("fast", max_batch_size=4)
-    real, calls = eng.fast.prefill, []
+    real, calls = eng.runner.prefill, []
     def flaky(*a, **kw):
         calls.append(1)
         if len(calls) == 1: raise RuntimeError("simulated prefill failure")
         return real(*a, **kw)
-    eng.fast.prefill = flaky
+    eng.runner.prefill = flaky
     r = complete(url, "alpha", max_tokens=3)                     # answered (500), not left waiting forever
-    assert r.status_code == 500 and eng.fast.active == {}
+    assert r.status_code == 500 and eng.scheduler.active == {}
     assert complete(url, "beta", max_tokens=3).json()["choices"][0]["text"] == " beta beta beta"
 
 def test_a_burst_answers_each_request_when_its_own_last_step_ends(make_server):
@@ -73,9 +73,9 @@ def test_a_burst_answers_each_request_when_its_own_last_step_ends(make_server):
         async with httpx.AsyncClient(base_url=url, timeout=300) as c:
             async def ask(n):
                 r = await c.post("/v1/completions", json={"model": "alpha", "prompt": "Hi", "max_tokens": n, "temperature": 0})
-                return r, eng.fast.steps                                   # decode steps run when the answer arrived
+                return r, eng.scheduler.steps                                   # decode steps run when the answer arrived
             return await asyncio.gather(ask(2), ask(40))
     (short, steps_short), (long, steps_long) = asyncio.run(go())
     assert short.json()["choices"][0]["text"] == " alpha alpha" and long.json()["usage"]["completion_tokens"] == 40
     assert steps_long >= 39 and steps_short < steps_long / 2, (steps_short, steps_long)
-    assert eng.fast.active == {} and not eng.fast.waiting
+    assert eng.scheduler.active == {} and not eng.scheduler.waiting

@@ -2,7 +2,7 @@
 import pytest, torch
 from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 from multilora.adapters import Task, attach_adapters
-from multilora.fast import FastLoRA
+from multilora.runner import FastLoRA
 from multilora.model import load_base_model, load_tokenizer
 
 FAMILIES = {"qwen2": (Qwen2Config, Qwen2ForCausalLM), "mistral": (MistralConfig, MistralForCausalLM)}
@@ -60,6 +60,6 @@ def test_mixed_batch_matches_peft(family, dequantize):
 def test_biases_are_in_the_model_and_in_the_stacks(family):
     kind, model, tok = family
     fast = FastLoRA(model, max_batch_size=2, max_len=64, dequantize="dense")
-    frozen_bias = fast._group_w[(0, "qkv")][1]
+    frozen_bias = fast.frozen_path.grouped[(0, "qkv")][1]
     assert (frozen_bias is not None) == (kind == "qwen2")                 # Qwen2's q/k/v biases, in the group's one matrix
     assert all(st["qkv"].bias is not None and st["down"].bias is not None for st in fast.stacks)   # "large"'s LoRA biases
