@@ -10,20 +10,41 @@ from pathlib import Path
 from typing import Any, Callable, Literal
 
 # %% auto #0
-__all__ = ['MAX_STOP', 'GenerateBody', 'CompletionBody', 'ChatMessage', 'ChatBody', 'LoadLoraBody', 'UnloadLoraBody',
-           'GuardMiddleware', 'create_app', 'free_port', 'BackgroundServer', 'serve']
+__all__ = ['MAX_STOP', 'MAX_PROMPTS', 'generate_router', 'completions_router', 'chat_router', 'models_router', 'admin_router',
+           'ops_router', 'ROUTERS', 'StreamOptions', 'GenerateBody', 'CompletionBody', 'ChatMessage', 'ChatBody',
+           'LoadLoraBody', 'UnloadLoraBody', 'ErrorDetail', 'ErrorBody', 'GuardMiddleware', 'generate_endpoint',
+           'completions', 'chat_completions', 'list_models', 'retrieve_model', 'load_lora', 'unload_lora', 'health',
+           'metrics', 'create_app', 'free_port', 'BackgroundServer', 'serve']
 
 # %% ../nbs/07_server.ipynb #39634db4
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import APIRouter, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-from pydantic import BaseModel, Field, field_validator
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import PlainTextResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from .engine import (BASE, BadRequest, Engine, GenRequest, GenResult, ServerError, UnknownAdapter,
-                              load_for_serving, log, make_engine, resolve_adapter_path, _ADAPTER_NAME)
+                              check_adapter_name, load_for_serving, log, make_engine, resolve_adapter_path)
+
 
 # %% ../nbs/07_server.ipynb #b7eb5366
-MAX_STOP = 4
-class _Sampling(BaseModel):
+MAX_STOP, MAX_PROMPTS = 4, 64
+_off = lambda v: v is None or v is False
+_zero = lambda v: v is None or (not isinstance(v, bool) and v == 0)
+_NOT_HONOURED = {"logprobs": _off, "echo": _off, "top_logprobs": _zero, "frequency_penalty": _zero, "presence_penalty": _zero,
+                 "best_of": lambda v: v in (None, 1), "logit_bias": lambda v: not v, "suffix": lambda v: not v}
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")    # a field the server does not know is a 400, never ignored
+
+    @model_validator(mode="before")
+    @classmethod
+    def _not_honoured(cls, data):
+        if not isinstance(data, dict): return data
+        asked = [k for k, off in _NOT_HONOURED.items() if k in data and not off(data[k])]
+        if asked: raise ValueError(f"{', '.join(asked)}: not supported by this server")
+        return {k: v for k, v in data.items() if k not in _NOT_HONOURED}
+
+class _Sampling(_Body):
     temperature: float = Field(0.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     stop: str | list[str] | None = None
@@ -38,6 +59,21 @@ class _Sampling(BaseModel):
         if any(not s for s in v): raise ValueError("stop strings must not be empty")
         return v
 
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+class _OpenAI(_Sampling):
+    model: str
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = Field(1, ge=1, le=1)
+
+    @model_validator(mode="after")
+    def _options_need_stream(self):
+        if self.stream_options is not None and not self.stream: raise ValueError("stream_options needs stream: true")
+        return self
+
 class GenerateBody(_Sampling):
     "`POST /generate`, the seed's request: a raw `prompt`, or `inputs` rendered by the adapter's saved template."
     prompt: str | None = None
@@ -45,44 +81,48 @@ class GenerateBody(_Sampling):
     task_name: str | None = None        # adapter name; None or the base model's name means no adapter
     max_new_tokens: int = Field(64, ge=1)
 
-class CompletionBody(_Sampling):
-    "`POST /v1/completions` (OpenAI): `model` names the adapter."
-    model: str
-    prompt: str
+class CompletionBody(_OpenAI):
+    "`POST /v1/completions` (OpenAI): `model` names the adapter; `prompt` in any of OpenAI's four forms."
+    prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int = Field(16, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    stream: bool = False
-    n: int = Field(1, ge=1, le=1)
 
-class ChatMessage(BaseModel):
+class ChatMessage(_Body):
     role: Literal["system", "user", "assistant"]
     content: str
 
-class ChatBody(_Sampling):
+class ChatBody(_OpenAI):
     "`POST /v1/chat/completions` (OpenAI): `model` names the adapter."
-    model: str
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    stream: bool = False
-    n: int = Field(1, ge=1, le=1)
 
-class LoadLoraBody(BaseModel):
+class LoadLoraBody(_Body):
     lora_name: str
     lora_path: str
 
-class UnloadLoraBody(BaseModel):
+class UnloadLoraBody(_Body):
     lora_name: str
 
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    code: int
+
+class ErrorBody(BaseModel):
+    "Every error the server answers, whatever its status: OpenAI's shape."
+    error: ErrorDetail
+
+
 # %% ../nbs/07_server.ipynb #7f057f07
-def _error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
-    kind = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error", 409: "conflict_error",
-            413: "request_too_large", 429: "rate_limit_error", 503: "overloaded_error"}.get(status, "server_error")
-    return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status, headers=headers)
+_KINDS = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+          409: "conflict_error", 413: "request_too_large", 429: "rate_limit_error", 503: "overloaded_error"}
+
+def _error(status: int, message: str, headers: dict | None = None) -> Response:
+    body = {"error": {"message": message, "type": _KINDS.get(status, "server_error"), "code": status}}
+    return Response(json.dumps(body), status, headers, media_type="application/json")   # ensure_ascii: always encodable
 
 class GuardMiddleware:
-    "ASGI middleware: bearer API key on every path, and a cap on the request body (413)."
+    "ASGI middleware: bearer API key on every path, a cap on the request body (413), and a 500 that keeps the connection."
     def __init__(self, app, api_key: str | None, max_body_bytes: int):
         self.app, self.api_key, self.max_body = app, api_key, max_body_bytes
 
@@ -100,11 +140,26 @@ class GuardMiddleware:
         while more:   # read the body up front (also chunked ones), so an oversized one never reaches a handler
             msg = await receive()
             if msg["type"] == "http.disconnect": return
-            body += len(msg.get("body", b"")); chunks.append(msg); more = msg.get("more_body", False)
+            body += len(msg.get("body", b""))
+            chunks.append(msg)
+            more = msg.get("more_body", False)
             if body > self.max_body: return await _error(413, f"Body over {self.max_body} bytes")(scope, receive, send)
         async def replay():
             return chunks.pop(0) if chunks else await receive()
-        await self.app(scope, replay, send)
+        await self._safely(scope, replay, send)
+
+    async def _safely(self, scope, receive, send):
+        "Run the app; an exception it raises becomes a 500 here, and is not re-raised to uvicorn."
+        started = False
+        async def tracked(msg):
+            nonlocal started
+            started = started or msg["type"] == "http.response.start"
+            await send(msg)
+        try: await self.app(scope, receive, tracked)
+        except Exception as e:
+            log.error("unhandled error\n%s", "".join(traceback.format_exception(e)))   # the trace goes to the log only
+            if not started: await _error(500, "Internal server error")(scope, receive, send)
+
 
 # %% ../nbs/07_server.ipynb #16e5db9b
 async def _unless_disconnected(request: Request, coro, poll_s: float = 0.2):
@@ -115,17 +170,233 @@ async def _unless_disconnected(request: Request, coro, poll_s: float = 0.2):
             done, _ = await asyncio.wait({task}, timeout=poll_s)
             if done: return task.result()
             if await request.is_disconnected():
-                task.cancel(); raise ServerError("Client disconnected", 499)
+                task.cancel()
+                raise ServerError("Client disconnected", 499)
     finally:
         if not task.done(): task.cancel()
 
+async def _run(request: Request, reqs: list[GenRequest]) -> list[GenResult]:
+    "Submit `reqs` to the app's engine at once and await them all, while the client is there."
+    tasks = [asyncio.ensure_future(request.app.state.engine.submit(r)) for r in reqs]
+    try: return await _unless_disconnected(request, asyncio.gather(*tasks))
+    finally:
+        for t in tasks: t.cancel()     # one failed or the client left: the rest stop too (a no-op on finished ones)
+
+
 # %% ../nbs/07_server.ipynb #95901ebc
+def _adapter_of(engine: Engine, name: str | None) -> str:
+    "The adapter a request's `model` (or `task_name`) names: `BASE` for the base model; 404 for one not loaded."
+    if name in (None, "", engine.base_name, BASE): return BASE
+    if name not in engine.adapters: raise UnknownAdapter(f"Unknown model {name!r}; serving {[engine.base_name] + engine.adapters}")
+    return name
+
+def _utf8(text: str, what: str) -> str:
+    try: text.encode("utf-8")
+    except UnicodeEncodeError: raise BadRequest(f"{what} holds a lone surrogate (such as \\ud800): send valid UTF-8")
+    return text
+
+def _gen_request(request: Request, prompt: str, adapter: str, n_new: int, body: _Sampling) -> GenRequest:
+    "A checked `GenRequest`: every limit of the app, then the engine's own `check`, all before anything is queued."
+    engine, lim = request.app.state.engine, request.app.state.limits
+    if not prompt or not prompt.strip(): raise BadRequest("prompt must not be empty")
+    if len(prompt) > lim["max_prompt_chars"]: raise BadRequest(f"prompt is over {lim['max_prompt_chars']} characters")
+    for s in [prompt, *(body.stop or [])]: _utf8(s, "prompt" if s is prompt else "a stop string")
+    if len(engine.tokenizer(prompt)["input_ids"]) > lim["max_prompt_tokens"]:
+        raise BadRequest(f"prompt is over {lim['max_prompt_tokens']} tokens")
+    if n_new > lim["max_new_tokens"]: raise BadRequest(f"max tokens must be at most {lim['max_new_tokens']}")
+    req = GenRequest(prompt, adapter, n_new, body.temperature, body.top_p, list(body.stop or []), body.seed, body.ignore_eos)
+    engine.check(req)
+    return req
+
+def _usage(*results: GenResult) -> dict:
+    p, c = sum(r.prompt_tokens for r in results), sum(r.completion_tokens for r in results)
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+
+# %% ../nbs/07_server.ipynb #caea64c2
+def _prompts(tokenizer, prompt: str | list) -> list[str]:
+    "OpenAI's four prompt forms as texts: a string, a list of strings, token ids, or a list of token-id lists."
+    if isinstance(prompt, str): return [prompt]
+    if not prompt: raise BadRequest("prompt must not be an empty list")
+    if isinstance(prompt[0], int): prompt = [prompt]
+    if len(prompt) > MAX_PROMPTS: raise BadRequest(f"at most {MAX_PROMPTS} prompts in one request")
+    vocab, out = len(tokenizer), []
+    for p in prompt:
+        if isinstance(p, list) and (not p or min(p) < 0 or max(p) >= vocab):
+            raise BadRequest(f"token-id prompts must be non-empty, with ids in [0, {vocab})")
+        out.append(p if isinstance(p, str) else tokenizer.decode(p))
+    return out
+
+
+# %% ../nbs/07_server.ipynb #4add897c
+def _sse(engine: Engine, req: GenRequest, obj: str, body: _OpenAI, chunk: Callable[[str], dict],
+         final: Callable[[str], dict]) -> StreamingResponse:
+    "Stream `req` as OpenAI's server-sent events: a chunk per piece of text, the finish reason, usage if asked, `[DONE]`."
+    rid, created = f"{'cmpl' if obj == 'text_completion' else 'chatcmpl'}-{req.id}", int(time.time())
+    usage = body.stream_options is not None and body.stream_options.include_usage
+    def event(d: dict) -> str:
+        return f"data: {json.dumps({'id': rid, 'object': obj, 'created': created, 'model': body.model, **d})}\n\n"
+    async def events():
+        extra = {"usage": None} if usage else {}
+        try:
+            async for piece in engine.stream(req):
+                if not isinstance(piece, GenResult): yield event({**chunk(piece), **extra})
+                else:
+                    yield event({**final(piece.finish_reason), **extra})
+                    if usage: yield event({"choices": [], "usage": _usage(piece)})
+        except ServerError as e:
+            msg = str(e) if e.status < 500 else "Internal server error"
+            yield f"data: {json.dumps({'error': {'message': msg, 'code': e.status}})}\n\n"
+        except Exception as e:
+            log.error("stream failed: %r", e)
+            yield f"data: {json.dumps({'error': {'message': 'Internal server error', 'code': 500}})}\n\n"
+        yield "data: [DONE]\n\n"
+    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+# %% ../nbs/07_server.ipynb #1fbbe5d6
+def _errors(*codes: int) -> dict:
+    "OpenAPI `responses` for these error codes, each in the one error shape."
+    why = {400: "Invalid request", 401: "Missing or wrong API key", 403: "Adapter admin is off", 404: "Unknown model",
+           409: "Adapter already loaded, or the last one", 413: "Body too large", 503: "Queue full or shutting down",
+           500: "Internal server error"}
+    return {c: {"model": ErrorBody, "description": why[c]} for c in (401, 413, 500, *codes)}
+
+_STREAM = {200: {"description": "JSON, or server-sent events with `stream`", "content": {"text/event-stream": {}}}}
+
+generate_router = APIRouter(tags=["generate"])
+
+@generate_router.post("/generate", responses=_errors(400, 404, 503))
+async def generate_endpoint(body: GenerateBody, request: Request):
+    "The seed's endpoint: `task_name` picks the adapter; answers with both the seed's keys (`task`, `result`) and ours."
+    engine, templates = request.app.state.engine, request.app.state.templates
+    adapter = _adapter_of(engine, body.task_name)
+    if (body.prompt is None) == (body.inputs is None): raise BadRequest("give exactly one of prompt and inputs")
+    prompt = body.prompt
+    if body.inputs is not None:
+        t = templates.get(adapter)
+        if t is None: raise BadRequest(f"{body.task_name!r} has no saved prompt template; send a prompt")
+        try: prompt = t.render_prompt(body.inputs, engine.tokenizer)
+        except ValueError as e: raise BadRequest(str(e))
+    [res] = await _run(request, [_gen_request(request, prompt, adapter, body.max_new_tokens, body)])
+    task = body.task_name or engine.base_name
+    return {"task": task, "result": res.text, "text": res.text, "task_name": task, "finish_reason": res.finish_reason,
+            "usage": _usage(res), "latency_s": round(res.latency_s, 4)}
+
+
+# %% ../nbs/07_server.ipynb #3b27b598
+completions_router = APIRouter(tags=["openai"])
+
+@completions_router.post("/v1/completions", responses={**_errors(400, 404, 503), **_STREAM})
+async def completions(body: CompletionBody, request: Request):
+    "OpenAI completions: one choice per prompt; streaming takes one prompt."
+    engine = request.app.state.engine
+    adapter = _adapter_of(engine, body.model)
+    reqs = [_gen_request(request, p, adapter, body.max_tokens, body) for p in _prompts(engine.tokenizer, body.prompt)]
+    if body.stream:
+        if len(reqs) > 1: raise BadRequest("stream takes one prompt; send the others in their own requests")
+        return _sse(engine, reqs[0], "text_completion", body,
+                    lambda t: {"choices": [{"index": 0, "text": t, "logprobs": None, "finish_reason": None}]},
+                    lambda f: {"choices": [{"index": 0, "text": "", "logprobs": None, "finish_reason": f}]})
+    results = await _run(request, reqs)
+    return {"id": f"cmpl-{reqs[0].id}", "object": "text_completion", "created": int(time.time()), "model": body.model,
+            "choices": [{"index": i, "text": r.text, "finish_reason": r.finish_reason, "logprobs": None}
+                        for i, r in enumerate(results)],
+            "usage": _usage(*results)}
+
+
+# %% ../nbs/07_server.ipynb #a0d36f1a
+chat_router = APIRouter(tags=["openai"])
+
+@chat_router.post("/v1/chat/completions", responses={**_errors(400, 404, 503), **_STREAM})
+async def chat_completions(body: ChatBody, request: Request):
+    "OpenAI chat completions: the messages go through the tokenizer's chat template."
+    engine = request.app.state.engine
+    adapter = _adapter_of(engine, body.model)
+    messages = [m.model_dump() for m in body.messages]
+    prompt = engine.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    req = _gen_request(request, prompt, adapter, body.max_completion_tokens or body.max_tokens or 64, body)
+    if body.stream:
+        return _sse(engine, req, "chat.completion.chunk", body,
+                    lambda t: {"choices": [{"index": 0, "delta": {"role": "assistant", "content": t}, "finish_reason": None}]},
+                    lambda f: {"choices": [{"index": 0, "delta": {}, "finish_reason": f}]})
+    [res] = await _run(request, [req])
+    return {"id": f"chatcmpl-{req.id}", "object": "chat.completion", "created": int(time.time()), "model": body.model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": res.text}, "finish_reason": res.finish_reason}],
+            "usage": _usage(res)}
+
+
+# %% ../nbs/07_server.ipynb #6a71d496
+models_router = APIRouter(tags=["openai"])
+
+def _card(engine: Engine, name: str) -> dict:
+    return {"id": name, "object": "model", "created": 0, "owned_by": "multilora", "root": engine.base_name,
+            "parent": None if name == engine.base_name else engine.base_name}
+
+@models_router.get("/v1/models")
+async def list_models(request: Request):
+    "The base model and every adapter, as OpenAI's model list."
+    engine = request.app.state.engine
+    return {"object": "list", "data": [_card(engine, n) for n in [engine.base_name] + engine.adapters]}
+
+@models_router.get("/v1/models/{model_id:path}", responses=_errors(404))
+async def retrieve_model(model_id: str, request: Request):
+    "One model (`client.models.retrieve`): the base model or a loaded adapter."
+    engine, names = request.app.state.engine, [request.app.state.engine.base_name] + request.app.state.engine.adapters
+    if model_id not in names: raise UnknownAdapter(f"Unknown model {model_id!r}; serving {names}")
+    return _card(engine, model_id)
+
+
+# %% ../nbs/07_server.ipynb #8d3e2b9a
+admin_router = APIRouter(tags=["admin"])
+
+def _admin_root(request: Request) -> Path:
+    root = request.app.state.adapter_root
+    if root is None: raise ServerError("Adapter loading is off: the server has no adapter root", 403)
+    return root
+
+@admin_router.post("/v1/load_lora_adapter", response_class=PlainTextResponse, responses=_errors(400, 403, 409))
+async def load_lora(body: LoadLoraBody, request: Request):
+    "vLLM's endpoint: load an adapter from a folder under the adapter root, checked first, whole or not at all."
+    root, engine = _admin_root(request), request.app.state.engine
+    check_adapter_name(body.lora_name, engine.base_name)
+    await engine.load_adapter(body.lora_name, resolve_adapter_path(root, body.lora_path))
+    return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
+
+@admin_router.post("/v1/unload_lora_adapter", response_class=PlainTextResponse, responses=_errors(403, 404, 409))
+async def unload_lora(body: UnloadLoraBody, request: Request):
+    "vLLM's endpoint: unload an adapter; its requests still queued get a 404."
+    _admin_root(request)
+    await request.app.state.engine.unload_adapter(body.lora_name)
+    request.app.state.templates.pop(body.lora_name, None)
+    return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
+
+
+# %% ../nbs/07_server.ipynb #6a80df39
+ops_router = APIRouter(tags=["ops"])
+
+@ops_router.get("/health")
+async def health(request: Request):
+    "Whether the server takes requests, what it serves, and how busy it is."
+    engine = request.app.state.engine
+    return {"status": "draining" if engine.closing else "ok", "engine": engine.kind, "base_model": engine.base_name,
+            "adapters": engine.adapters, "queue_depth": engine.queue_depth, "in_flight": engine.in_flight}
+
+@ops_router.get("/metrics", response_class=PlainTextResponse)
+async def metrics(request: Request):
+    "Prometheus metrics of the engine."
+    engine = request.app.state.engine
+    return PlainTextResponse(engine.metrics.render(engine.queue_depth, engine.in_flight, engine.adapters),
+                             media_type="text/plain; version=0.0.4")
+
+
+# %% ../nbs/07_server.ipynb #460298bb
+ROUTERS = (generate_router, completions_router, chat_router, models_router, admin_router, ops_router)
+
 def create_app(engine: Engine, api_key: str | None = None, adapter_root: str | os.PathLike | None = None,
                max_body_bytes: int = 1 << 20, max_prompt_chars: int = 32_000, max_prompt_tokens: int = 4096,
                max_new_tokens: int = 1024, templates: dict | None = None) -> FastAPI:
     "The FastAPI app serving `engine`: `/generate`, OpenAI `/v1/...`, adapter admin, `/health` and `/metrics`."
-    templates = dict(templates or {})
-
     @asynccontextmanager
     async def lifespan(app):
         await engine.start()
@@ -133,137 +404,36 @@ def create_app(engine: Engine, api_key: str | None = None, adapter_root: str | o
         await engine.stop()
 
     app = FastAPI(title="multilora", lifespan=lifespan)
+    app.state.engine, app.state.templates, app.state.adapter_root = engine, dict(templates or {}), adapter_root
+    app.state.limits = dict(max_prompt_chars=max_prompt_chars, max_prompt_tokens=max_prompt_tokens, max_new_tokens=max_new_tokens)
     app.add_middleware(GuardMiddleware, api_key=api_key, max_body_bytes=max_body_bytes)
-    app.state.engine = engine
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request, exc):
-        msgs = [f"{'.'.join(str(x) for x in e['loc'][1:]) or 'body'}: {e['msg']}" for e in exc.errors()]
-        return _error(400, "; ".join(msgs)[:1000])
-
-    @app.exception_handler(HTTPException)
-    async def _http(request, exc): return _error(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
-
-    @app.exception_handler(ServerError)
-    async def _server(request, exc):
-        if exc.status >= 500 and exc.status not in (503,): log.error("request failed: %r", exc)
-        return _error(exc.status, str(exc) if exc.status < 500 or exc.status == 503 else "Internal server error", exc.headers)
-
-    @app.exception_handler(Exception)
-    async def _crash(request, exc):
-        log.error("unhandled error\n%s", "".join(traceback.format_exception(exc)))   # the trace goes to the log, never to the client
-        return _error(500, "Internal server error")
-
-    def adapter_of(name: str | None) -> str:
-        if name in (None, "", engine.base_name, BASE): return BASE
-        if name not in engine.adapters: raise UnknownAdapter(f"Unknown model {name!r}; serving {[engine.base_name] + engine.adapters}")
-        return name
-
-    def make_request(prompt: str, adapter: str, n_new: int, body: _Sampling) -> GenRequest:
-        if not prompt or not prompt.strip(): raise BadRequest("prompt must not be empty")
-        if len(prompt) > max_prompt_chars: raise BadRequest(f"prompt is over {max_prompt_chars} characters")
-        if len(engine.tokenizer(prompt)["input_ids"]) > max_prompt_tokens: raise BadRequest(f"prompt is over {max_prompt_tokens} tokens")
-        if n_new > max_new_tokens: raise BadRequest(f"max tokens must be at most {max_new_tokens}")
-        req = GenRequest(prompt, adapter, n_new, body.temperature, body.top_p, list(body.stop or []), body.seed, body.ignore_eos)
-        engine.check(req)
-        return req
-
-    async def run(request: Request, req: GenRequest) -> GenResult:
-        return await _unless_disconnected(request, engine.submit(req))
-
-    @app.post("/generate")
-    async def generate_endpoint(body: GenerateBody, request: Request):
-        adapter = adapter_of(body.task_name)
-        if (body.prompt is None) == (body.inputs is None): raise BadRequest("give exactly one of prompt and inputs")
-        prompt = body.prompt
-        if body.inputs is not None:
-            t = templates.get(adapter)
-            if t is None: raise BadRequest(f"{body.task_name!r} has no saved prompt template; send a prompt")
-            try: prompt = t.render_prompt(body.inputs, engine.tokenizer)
-            except ValueError as e: raise BadRequest(str(e))
-        res = await run(request, make_request(prompt, adapter, body.max_new_tokens, body))
-        return {"text": res.text, "task_name": body.task_name or engine.base_name, "finish_reason": res.finish_reason,
-                "usage": _usage(res), "latency_s": round(res.latency_s, 4)}
-
-    def sse(req: GenRequest, obj: str, model: str, chunk: Callable[[str], dict], final: Callable[[str], dict]):
-        rid, created = f"{'cmpl' if obj == 'text_completion' else 'chatcmpl'}-{req.id}", int(time.time())
-        async def events():
-            try:
-                async for piece in engine.stream(req):
-                    if isinstance(piece, GenResult): body = final(piece.finish_reason)
-                    else: body = chunk(piece)
-                    yield f"data: {json.dumps({'id': rid, 'object': obj, 'created': created, 'model': model, **body})}\n\n"
-            except ServerError as e:
-                yield f"data: {json.dumps({'error': {'message': str(e) if e.status < 500 else 'Internal server error', 'code': e.status}})}\n\n"
-            except Exception as e:
-                log.error("stream failed: %r", e)
-                yield f"data: {json.dumps({'error': {'message': 'Internal server error', 'code': 500}})}\n\n"
-            yield "data: [DONE]\n\n"
-        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-
-    @app.post("/v1/completions")
-    async def completions(body: CompletionBody, request: Request):
-        req = make_request(body.prompt, adapter_of(body.model), body.max_tokens, body)
-        if body.stream:
-            return sse(req, "text_completion", body.model,
-                       lambda t: {"choices": [{"index": 0, "text": t, "finish_reason": None}]},
-                       lambda f: {"choices": [{"index": 0, "text": "", "finish_reason": f}]})
-        res = await run(request, req)
-        return {"id": f"cmpl-{req.id}", "object": "text_completion", "created": int(time.time()), "model": body.model,
-                "choices": [{"index": 0, "text": res.text, "finish_reason": res.finish_reason, "logprobs": None}], "usage": _usage(res)}
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatBody, request: Request):
-        adapter = adapter_of(body.model)
-        prompt = engine.tokenizer.apply_chat_template([m.model_dump() for m in body.messages], tokenize=False, add_generation_prompt=True)
-        req = make_request(prompt, adapter, body.max_completion_tokens or body.max_tokens or 64, body)
-        if body.stream:
-            return sse(req, "chat.completion.chunk", body.model,
-                       lambda t: {"choices": [{"index": 0, "delta": {"role": "assistant", "content": t}, "finish_reason": None}]},
-                       lambda f: {"choices": [{"index": 0, "delta": {}, "finish_reason": f}]})
-        res = await run(request, req)
-        return {"id": f"chatcmpl-{req.id}", "object": "chat.completion", "created": int(time.time()), "model": body.model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": res.text}, "finish_reason": res.finish_reason}],
-                "usage": _usage(res)}
-
-    @app.get("/v1/models")
-    async def models():
-        names = [engine.base_name] + engine.adapters
-        return {"object": "list", "data": [{"id": n, "object": "model", "created": 0, "owned_by": "multilora",
-                                            "root": engine.base_name, "parent": None if n == engine.base_name else engine.base_name}
-                                           for n in names]}
-
-    @app.get("/health")
-    async def health():
-        return {"status": "draining" if engine.closing else "ok", "engine": engine.kind, "base_model": engine.base_name,
-                "adapters": engine.adapters, "queue_depth": engine.queue_depth, "in_flight": engine.in_flight}
-
-    @app.get("/metrics")
-    async def metrics():
-        return PlainTextResponse(engine.metrics.render(engine.queue_depth, engine.in_flight, engine.adapters),
-                                 media_type="text/plain; version=0.0.4")
-
-    @app.post("/v1/load_lora_adapter")
-    async def load_lora(body: LoadLoraBody):
-        if adapter_root is None: raise ServerError("Adapter loading is off: the server has no adapter root", 403)
-        if not _ADAPTER_NAME.fullmatch(body.lora_name) or body.lora_name in (BASE, engine.base_name):
-            raise BadRequest(f"Invalid adapter name {body.lora_name!r}")
-        path = resolve_adapter_path(adapter_root, body.lora_path)
-        await engine.load_adapter(body.lora_name, path)
-        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
-
-    @app.post("/v1/unload_lora_adapter")
-    async def unload_lora(body: UnloadLoraBody):
-        if adapter_root is None: raise ServerError("Adapter unloading is off: the server has no adapter root", 403)
-        await engine.unload_adapter(body.lora_name)
-        templates.pop(body.lora_name, None)
-        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
-
+    app.add_exception_handler(RequestValidationError, _invalid)
+    app.add_exception_handler(HTTPException, lambda r, e: _error(e.status_code, str(e.detail), getattr(e, "headers", None)))
+    app.add_exception_handler(ServerError, _server_error)
+    for r in ROUTERS: app.include_router(r)
+    app.openapi = lambda: _openapi(app)
     return app
 
-def _usage(res: GenResult) -> dict:
-    return {"prompt_tokens": res.prompt_tokens, "completion_tokens": res.completion_tokens,
-            "total_tokens": res.prompt_tokens + res.completion_tokens}
+
+# %% ../nbs/07_server.ipynb #8822bdb8
+async def _invalid(request: Request, exc: RequestValidationError) -> Response:
+    msgs = [f"{'.'.join(str(x) for x in e['loc'][1:]) or 'body'}: {e['msg']}" for e in exc.errors()]
+    return _error(400, "; ".join(msgs)[:1000])
+
+async def _server_error(request: Request, exc: ServerError) -> Response:
+    if exc.status >= 500 and exc.status != 503: log.error("request failed: %r", exc)
+    return _error(exc.status, str(exc) if exc.status < 500 or exc.status == 503 else "Internal server error", exc.headers)
+
+def _openapi(app: FastAPI) -> dict:
+    "The app's schema with FastAPI's 422 taken out: a validation error is answered with a 400 in `ErrorBody`'s shape."
+    if app.openapi_schema: return app.openapi_schema
+    schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+    for ops in schema["paths"].values():
+        for op in ops.values(): op.get("responses", {}).pop("422", None)
+    for name in ("HTTPValidationError", "ValidationError"): schema.get("components", {}).get("schemas", {}).pop(name, None)
+    app.openapi_schema = schema
+    return schema
+
 
 # %% ../nbs/07_server.ipynb #9c7255a7
 def free_port(host: str = "127.0.0.1") -> int:
