@@ -218,7 +218,8 @@ def resolve_adapter_path(root: str | os.PathLike, path: str | os.PathLike) -> Pa
     root = Path(root).resolve()
     if len(str(path)) > 4096 or "\0" in str(path): raise BadRequest("Adapter path is over 4096 characters or holds a NUL")
     try: return _adapter_folder(root, Path(path))
-    except (OSError, UnicodeError) as e: raise BadRequest(f"Adapter path cannot be read: {getattr(e, 'strerror', None) or e}")
+    except (OSError, UnicodeError) as e:
+        raise BadRequest(f"Adapter path cannot be read: {getattr(e, 'strerror', None) or e}")
 
 def _adapter_folder(root: Path, p: Path) -> Path:
     p = (p if p.is_absolute() else root/p).resolve()   # resolve() follows symlinks *before* the containment check
@@ -241,7 +242,8 @@ def _lora_config(path: Path) -> LoraConfig:
     if not isinstance(cfg, dict) or cfg.get("peft_type") != "LORA":
         raise BadRequest('adapter_config.json must be an object with "peft_type": "LORA"')
     r = cfg.get("r")
-    if not isinstance(r, int) or isinstance(r, bool) or r < 1: raise BadRequest(f"adapter_config.json: r must be a positive int, got {r!r}")
+    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+        raise BadRequest(f"adapter_config.json: r must be a positive int, got {r!r}")
     known = {f.name for f in dataclasses.fields(LoraConfig)}
     try: return LoraConfig(**{k: v for k, v in cfg.items() if k in known})
     except Exception as e: raise BadRequest(f"adapter_config.json is not a valid LoRA config: {str(e)[:300]}")
@@ -266,15 +268,18 @@ def check_adapter(model, path: str | os.PathLike) -> LoraConfig:
     if not any(check_target_module_exists(config, n) for n in mods):
         raise BadRequest(f"target_modules {config.target_modules!r} match no module of the base model")
     try:
-        with safe_open(path/"adapter_model.safetensors", "pt") as f: shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        with safe_open(path/"adapter_model.safetensors", "pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}     # the header only: no tensor data
     except Exception as e: raise BadRequest(f"adapter_model.safetensors cannot be read: {str(e)[:200]}")
     if not shapes: raise BadRequest("adapter_model.safetensors holds no weights")
     ranks = {config.r, *(config.rank_pattern or {}).values()}
     for key, shape in shapes.items():
         m = _LORA_KEY.fullmatch(key)
         if m is None or m[1] not in mods: raise BadRequest(f"Weight {key!r} maps to no module of the base model")
-        if not check_target_module_exists(config, m[1]): raise BadRequest(f"Weight {key!r} is for {m[1]}, which target_modules leaves out")
-        if m[3] == ".bias" and not config.lora_bias: raise BadRequest(f"Weight {key!r} is a bias, but the config has lora_bias false")
+        if not check_target_module_exists(config, m[1]):
+            raise BadRequest(f"Weight {key!r} is for {m[1]}, which target_modules leaves out")
+        if m[3] == ".bias" and not config.lora_bias:
+            raise BadRequest(f"Weight {key!r} is a bias, but the config has lora_bias false")
         if shape not in [_expected_shape(mods[m[1]], m[2], m[3], r) for r in ranks]:
             want = list(_expected_shape(mods[m[1]], m[2], m[3], config.r) or ())
             raise BadRequest(f"Weight {key!r} has shape {list(shape)}; this base and r={config.r} need {want}")
@@ -387,7 +392,8 @@ def _load(self: Engine, name: str, path: Path):
     check_adapter_name(name, self.base_name)
     check_adapter(self.model, path)
     try:
-        if not isinstance(self.model, PeftModel): self.model = PeftModel.from_pretrained(self.model, str(path), adapter_name=name)
+        if not isinstance(self.model, PeftModel):
+            self.model = PeftModel.from_pretrained(self.model, str(path), adapter_name=name)
         else:
             left = [k for k in self.model.load_adapter(str(path), adapter_name=name).unexpected_keys if "lora_" in k]
             if left: raise BadRequest(f"Adapter weights peft could not place: {left[:3]}")

@@ -12,9 +12,8 @@ from typing import Any, Callable, Literal
 # %% auto #0
 __all__ = ['MAX_STOP', 'MAX_PROMPTS', 'generate_router', 'completions_router', 'chat_router', 'models_router', 'admin_router',
            'ops_router', 'ROUTERS', 'StreamOptions', 'GenerateBody', 'CompletionBody', 'ChatMessage', 'ChatBody',
-           'LoadLoraBody', 'UnloadLoraBody', 'ErrorDetail', 'ErrorBody', 'GuardMiddleware', 'generate_endpoint',
-           'completions', 'chat_completions', 'list_models', 'retrieve_model', 'load_lora', 'unload_lora', 'health',
-           'metrics', 'create_app', 'free_port', 'BackgroundServer', 'serve']
+           'LoadLoraBody', 'UnloadLoraBody', 'ErrorDetail', 'ErrorBody', 'GuardMiddleware', 'create_app', 'free_port',
+           'BackgroundServer', 'serve']
 
 # %% ../nbs/07_server.ipynb #39634db4
 from fastapi import APIRouter, FastAPI, HTTPException, Request
@@ -30,8 +29,9 @@ from .engine import (BASE, BadRequest, Engine, GenRequest, GenResult, ServerErro
 MAX_STOP, MAX_PROMPTS = 4, 64
 _off = lambda v: v is None or v is False
 _zero = lambda v: v is None or (not isinstance(v, bool) and v == 0)
-_NOT_HONOURED = {"logprobs": _off, "echo": _off, "top_logprobs": _zero, "frequency_penalty": _zero, "presence_penalty": _zero,
-                 "best_of": lambda v: v in (None, 1), "logit_bias": lambda v: not v, "suffix": lambda v: not v}
+_NOT_HONOURED = {"logprobs": _off, "echo": _off, "top_logprobs": _zero, "frequency_penalty": _zero,
+                 "presence_penalty": _zero, "best_of": lambda v: v in (None, 1), "logit_bias": lambda v: not v,
+                 "suffix": lambda v: not v}    # each with the values that ask for nothing
 
 class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid")    # a field the server does not know is a 400, never ignored
@@ -187,7 +187,8 @@ async def _run(request: Request, reqs: list[GenRequest]) -> list[GenResult]:
 def _adapter_of(engine: Engine, name: str | None) -> str:
     "The adapter a request's `model` (or `task_name`) names: `BASE` for the base model; 404 for one not loaded."
     if name in (None, "", engine.base_name, BASE): return BASE
-    if name not in engine.adapters: raise UnknownAdapter(f"Unknown model {name!r}; serving {[engine.base_name] + engine.adapters}")
+    names = [engine.base_name] + engine.adapters
+    if name not in names: raise UnknownAdapter(f"Unknown model {name!r}; serving {names}")
     return name
 
 def _utf8(text: str, what: str) -> str:
@@ -267,7 +268,7 @@ _STREAM = {200: {"description": "JSON, or server-sent events with `stream`", "co
 generate_router = APIRouter(tags=["generate"])
 
 @generate_router.post("/generate", responses=_errors(400, 404, 503))
-async def generate_endpoint(body: GenerateBody, request: Request):
+async def _generate(body: GenerateBody, request: Request):
     "The seed's endpoint: `task_name` picks the adapter; answers with both the seed's keys (`task`, `result`) and ours."
     engine, templates = request.app.state.engine, request.app.state.templates
     adapter = _adapter_of(engine, body.task_name)
@@ -288,7 +289,7 @@ async def generate_endpoint(body: GenerateBody, request: Request):
 completions_router = APIRouter(tags=["openai"])
 
 @completions_router.post("/v1/completions", responses={**_errors(400, 404, 503), **_STREAM})
-async def completions(body: CompletionBody, request: Request):
+async def _completions(body: CompletionBody, request: Request):
     "OpenAI completions: one choice per prompt; streaming takes one prompt."
     engine = request.app.state.engine
     adapter = _adapter_of(engine, body.model)
@@ -309,7 +310,7 @@ async def completions(body: CompletionBody, request: Request):
 chat_router = APIRouter(tags=["openai"])
 
 @chat_router.post("/v1/chat/completions", responses={**_errors(400, 404, 503), **_STREAM})
-async def chat_completions(body: ChatBody, request: Request):
+async def _chat_completions(body: ChatBody, request: Request):
     "OpenAI chat completions: the messages go through the tokenizer's chat template."
     engine = request.app.state.engine
     adapter = _adapter_of(engine, body.model)
@@ -317,12 +318,13 @@ async def chat_completions(body: ChatBody, request: Request):
     prompt = engine.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     req = _gen_request(request, prompt, adapter, body.max_completion_tokens or body.max_tokens or 64, body)
     if body.stream:
+        delta = lambda d, f: {"choices": [{"index": 0, "delta": d, "finish_reason": f}]}
         return _sse(engine, req, "chat.completion.chunk", body,
-                    lambda t: {"choices": [{"index": 0, "delta": {"role": "assistant", "content": t}, "finish_reason": None}]},
-                    lambda f: {"choices": [{"index": 0, "delta": {}, "finish_reason": f}]})
+                    lambda t: delta({"role": "assistant", "content": t}, None), lambda f: delta({}, f))
     [res] = await _run(request, [req])
     return {"id": f"chatcmpl-{req.id}", "object": "chat.completion", "created": int(time.time()), "model": body.model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": res.text}, "finish_reason": res.finish_reason}],
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": res.text},
+                         "finish_reason": res.finish_reason}],
             "usage": _usage(res)}
 
 
@@ -334,13 +336,13 @@ def _card(engine: Engine, name: str) -> dict:
             "parent": None if name == engine.base_name else engine.base_name}
 
 @models_router.get("/v1/models")
-async def list_models(request: Request):
+async def _list_models(request: Request):
     "The base model and every adapter, as OpenAI's model list."
     engine = request.app.state.engine
     return {"object": "list", "data": [_card(engine, n) for n in [engine.base_name] + engine.adapters]}
 
 @models_router.get("/v1/models/{model_id:path}", responses=_errors(404))
-async def retrieve_model(model_id: str, request: Request):
+async def _retrieve_model(model_id: str, request: Request):
     "One model (`client.models.retrieve`): the base model or a loaded adapter."
     engine, names = request.app.state.engine, [request.app.state.engine.base_name] + request.app.state.engine.adapters
     if model_id not in names: raise UnknownAdapter(f"Unknown model {model_id!r}; serving {names}")
@@ -356,7 +358,7 @@ def _admin_root(request: Request) -> Path:
     return root
 
 @admin_router.post("/v1/load_lora_adapter", response_class=PlainTextResponse, responses=_errors(400, 403, 409))
-async def load_lora(body: LoadLoraBody, request: Request):
+async def _load_lora(body: LoadLoraBody, request: Request):
     "vLLM's endpoint: load an adapter from a folder under the adapter root, checked first, whole or not at all."
     root, engine = _admin_root(request), request.app.state.engine
     check_adapter_name(body.lora_name, engine.base_name)
@@ -364,7 +366,7 @@ async def load_lora(body: LoadLoraBody, request: Request):
     return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
 @admin_router.post("/v1/unload_lora_adapter", response_class=PlainTextResponse, responses=_errors(403, 404, 409))
-async def unload_lora(body: UnloadLoraBody, request: Request):
+async def _unload_lora(body: UnloadLoraBody, request: Request):
     "vLLM's endpoint: unload an adapter; its requests still queued get a 404."
     _admin_root(request)
     await request.app.state.engine.unload_adapter(body.lora_name)
@@ -376,14 +378,14 @@ async def unload_lora(body: UnloadLoraBody, request: Request):
 ops_router = APIRouter(tags=["ops"])
 
 @ops_router.get("/health")
-async def health(request: Request):
+async def _health(request: Request):
     "Whether the server takes requests, what it serves, and how busy it is."
     engine = request.app.state.engine
     return {"status": "draining" if engine.closing else "ok", "engine": engine.kind, "base_model": engine.base_name,
             "adapters": engine.adapters, "queue_depth": engine.queue_depth, "in_flight": engine.in_flight}
 
 @ops_router.get("/metrics", response_class=PlainTextResponse)
-async def metrics(request: Request):
+async def _metrics(request: Request):
     "Prometheus metrics of the engine."
     engine = request.app.state.engine
     return PlainTextResponse(engine.metrics.render(engine.queue_depth, engine.in_flight, engine.adapters),
@@ -405,7 +407,8 @@ def create_app(engine: Engine, api_key: str | None = None, adapter_root: str | o
 
     app = FastAPI(title="multilora", lifespan=lifespan)
     app.state.engine, app.state.templates, app.state.adapter_root = engine, dict(templates or {}), adapter_root
-    app.state.limits = dict(max_prompt_chars=max_prompt_chars, max_prompt_tokens=max_prompt_tokens, max_new_tokens=max_new_tokens)
+    app.state.limits = dict(max_prompt_chars=max_prompt_chars, max_prompt_tokens=max_prompt_tokens,
+                            max_new_tokens=max_new_tokens)
     app.add_middleware(GuardMiddleware, api_key=api_key, max_body_bytes=max_body_bytes)
     app.add_exception_handler(RequestValidationError, _invalid)
     app.add_exception_handler(HTTPException, lambda r, e: _error(e.status_code, str(e.detail), getattr(e, "headers", None)))
