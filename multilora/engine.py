@@ -14,8 +14,8 @@ from typing import AsyncIterator, Awaitable, Callable
 # %% auto #0
 __all__ = ['BASE', 'log', 'SAMPLING_EPS', 'LATENCY_BUCKETS', 'BATCH_BUCKETS', 'ENGINES', 'load_for_serving', 'ServerError',
            'UnknownAdapter', 'QueueFull', 'BadRequest', 'GenRequest', 'GenResult', 'RowTracker', 'generate_rows',
-           'Metrics', 'resolve_adapter_path', 'check_adapter', 'Engine', 'check_adapter_name', 'LockedEngine',
-           'BatchedEngine', 'engine_class', 'make_engine']
+           'token_logprobs', 'Metrics', 'resolve_adapter_path', 'check_adapter', 'Engine', 'check_adapter_name',
+           'LockedEngine', 'BatchedEngine', 'engine_class', 'make_engine']
 
 # %% ../nbs/07_engine.ipynb #09f63192
 import torch
@@ -96,6 +96,7 @@ class GenResult:
     finish_reason: str                  # "stop" (EOS or a stop string), "length", or "cancelled"
     latency_s: float = 0.0
     stop_token: bool = False            # it ended on one of the model's stop tokens (not a stop string or the budget)
+    token_ids: list[int] | None = None  # the generated ids (past a stop string too), where the engine keeps them
 
 # %% ../nbs/07_engine.ipynb #40608667
 class RowTracker(StoppingCriteria):
@@ -166,7 +167,31 @@ def generate_rows(model, tokenizer, reqs: list[GenRequest]) -> list[GenResult]:
     now = time.perf_counter()
     for i in range(len(reqs)): tracker._emit(i, True)
     return [GenResult(tracker.text(i), r.adapter, prompt_lens[i], len(tracker.ids[i]), tracker.finish[i], now - r.created,
-                      tracker.stop_token[i]) for i, r in enumerate(reqs)]
+                      tracker.stop_token[i], tracker.ids[i]) for i, r in enumerate(reqs)]
+
+# %% ../nbs/07_engine.ipynb #2ca8715e
+def token_logprobs(model, tokenizer, prompt_ids: list[int], new_ids: list[int], adapter: str = BASE, k: int = 0,
+                   echo: bool = False) -> dict:
+    "OpenAI's completions `logprobs` for `new_ids` after `prompt_ids` (and the prompt's, with `echo`), by one forward pass."
+    ids = torch.tensor([list(prompt_ids) + list(new_ids)], device=model.device)
+    kw = {"adapter_names": [adapter]} if isinstance(model, PeftModel) else {}
+    with torch.no_grad(): lp = torch.log_softmax(model(input_ids=ids, **kw).logits[0].float(), -1)
+    out, offset = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}, 0
+    for pos in range(0 if echo else len(prompt_ids), ids.shape[1]):
+        tok = ids[0, pos].item()
+        piece = tokenizer.decode([tok])
+        out["tokens"].append(piece)
+        out["text_offset"].append(offset)
+        offset += len(piece)
+        if pos == 0:                                     # nothing comes before the first token: OpenAI says null
+            out["token_logprobs"].append(None)
+            out["top_logprobs"].append(None)
+            continue
+        out["token_logprobs"].append(lp[pos - 1, tok].item())
+        v, i = lp[pos - 1].topk(k)
+        out["top_logprobs"].append({tokenizer.decode([j]): x for j, x in zip(i.tolist(), v.tolist())})
+    return out
+
 
 # %% ../nbs/07_engine.ipynb #bf7aa1c2
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -403,6 +428,16 @@ def _load(self: Engine, name: str, path: Path):
         if isinstance(e, ServerError): raise
         raise BadRequest(f"Adapter {name!r} does not load: {type(e).__name__}: {str(e)[:300]}")
     self.model.eval()
+
+# %% ../nbs/07_engine.ipynb #701cddf7
+@patch
+async def score(self: Engine, req: GenRequest, res: GenResult, prompt_ids: list[int], k: int = 0, echo: bool = False) -> dict:
+    "OpenAI's `logprobs` for `res`, the answer to `req` (and for its prompt, `prompt_ids`, with `echo`)."
+    new = res.token_ids if res.token_ids is not None else self.tokenizer(res.text, add_special_tokens=False)["input_ids"]
+    def run():
+        if req.adapter != BASE and req.adapter not in self.adapters: raise UnknownAdapter(f"Adapter {req.adapter!r} was unloaded")
+        return token_logprobs(self.model, self.tokenizer, prompt_ids, new, req.adapter, k, echo)
+    return await self.in_model_thread(run)
 
 # %% ../nbs/07_engine.ipynb #da224d08
 class LockedEngine(Engine):

@@ -7,13 +7,13 @@ from __future__ import annotations
 import asyncio, hmac, json, os, socket, tempfile, threading, time, traceback, warnings
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable, ClassVar, Literal
 
 # %% auto #0
-__all__ = ['MAX_STOP', 'MAX_PROMPTS', 'generate_router', 'completions_router', 'chat_router', 'models_router', 'admin_router',
-           'ops_router', 'ROUTERS', 'StreamOptions', 'GenerateBody', 'CompletionBody', 'ChatMessage', 'ChatBody',
-           'LoadLoraBody', 'UnloadLoraBody', 'ErrorDetail', 'ErrorBody', 'GuardMiddleware', 'create_app', 'free_port',
-           'BackgroundServer', 'serve']
+__all__ = ['MAX_STOP', 'MAX_PROMPTS', 'MAX_LOGPROBS', 'generate_router', 'completions_router', 'chat_router', 'models_router',
+           'admin_router', 'ops_router', 'ROUTERS', 'StreamOptions', 'GenerateBody', 'CompletionBody', 'ChatMessage',
+           'ChatBody', 'LoadLoraBody', 'UnloadLoraBody', 'ErrorDetail', 'ErrorBody', 'GuardMiddleware', 'create_app',
+           'free_port', 'BackgroundServer', 'serve']
 
 # %% ../nbs/07_server.ipynb #39634db4
 from fastapi import APIRouter, FastAPI, HTTPException, Request
@@ -26,7 +26,7 @@ from .engine import (BASE, BadRequest, Engine, GenRequest, GenResult, ServerErro
 
 
 # %% ../nbs/07_server.ipynb #b7eb5366
-MAX_STOP, MAX_PROMPTS = 4, 64
+MAX_STOP, MAX_PROMPTS, MAX_LOGPROBS = 4, 64, 20
 _off = lambda v: v is None or v is False
 _zero = lambda v: v is None or (not isinstance(v, bool) and v == 0)
 _NOT_HONOURED = {"logprobs": _off, "echo": _off, "top_logprobs": _zero, "frequency_penalty": _zero,
@@ -35,14 +35,15 @@ _NOT_HONOURED = {"logprobs": _off, "echo": _off, "top_logprobs": _zero, "frequen
 
 class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid")    # a field the server does not know is a 400, never ignored
+    refused: ClassVar[tuple] = tuple(_NOT_HONOURED)
 
     @model_validator(mode="before")
     @classmethod
     def _not_honoured(cls, data):
         if not isinstance(data, dict): return data
-        asked = [k for k, off in _NOT_HONOURED.items() if k in data and not off(data[k])]
+        asked = [k for k in cls.refused if k in data and not _NOT_HONOURED[k](data[k])]
         if asked: raise ValueError(f"{', '.join(asked)}: not supported by this server")
-        return {k: v for k, v in data.items() if k not in _NOT_HONOURED}
+        return {k: v for k, v in data.items() if k not in cls.refused}
 
 class _Sampling(_Body):
     temperature: float = Field(0.0, ge=0.0, le=2.0)
@@ -83,8 +84,16 @@ class GenerateBody(_Sampling):
 
 class CompletionBody(_OpenAI):
     "`POST /v1/completions` (OpenAI): `model` names the adapter; `prompt` in any of OpenAI's four forms."
+    refused: ClassVar[tuple] = tuple(k for k in _NOT_HONOURED if k not in ("logprobs", "echo"))
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int = Field(16, ge=1)
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)   # the top-k log-probabilities of each token
+    echo: bool = False                                         # the prompt comes back too (and its logprobs)
+
+    @model_validator(mode="after")
+    def _scores_do_not_stream(self):
+        if self.stream and (self.echo or self.logprobs is not None): raise ValueError("echo and logprobs need stream: false")
+        return self
 
 class ChatMessage(_Body):
     role: Literal["system", "user", "assistant"]
@@ -215,9 +224,9 @@ def _usage(*results: GenResult) -> dict:
 
 
 # %% ../nbs/07_server.ipynb #caea64c2
-def _prompts(tokenizer, prompt: str | list) -> list[str]:
-    "OpenAI's four prompt forms as texts: a string, a list of strings, token ids, or a list of token-id lists."
-    if isinstance(prompt, str): return [prompt]
+def _prompts(tokenizer, prompt: str | list) -> list[tuple[str, list[int]]]:
+    "OpenAI's four prompt forms (a string, strings, token ids, lists of token ids) as (text, token ids) pairs."
+    if isinstance(prompt, str): prompt = [prompt]
     if not prompt: raise BadRequest("prompt must not be an empty list")
     if isinstance(prompt[0], int): prompt = [prompt]
     if len(prompt) > MAX_PROMPTS: raise BadRequest(f"at most {MAX_PROMPTS} prompts in one request")
@@ -225,7 +234,7 @@ def _prompts(tokenizer, prompt: str | list) -> list[str]:
     for p in prompt:
         if isinstance(p, list) and (not p or min(p) < 0 or max(p) >= vocab):
             raise BadRequest(f"token-id prompts must be non-empty, with ids in [0, {vocab})")
-        out.append(p if isinstance(p, str) else tokenizer.decode(p))
+        out.append((p, tokenizer(p)["input_ids"]) if isinstance(p, str) else (tokenizer.decode(p), p))
     return out
 
 
@@ -293,17 +302,21 @@ async def _completions(body: CompletionBody, request: Request):
     "OpenAI completions: one choice per prompt; streaming takes one prompt."
     engine = request.app.state.engine
     adapter = _adapter_of(engine, body.model)
-    reqs = [_gen_request(request, p, adapter, body.max_tokens, body) for p in _prompts(engine.tokenizer, body.prompt)]
+    prompts = _prompts(engine.tokenizer, body.prompt)
+    reqs = [_gen_request(request, text, adapter, body.max_tokens, body) for text, _ in prompts]
     if body.stream:
         if len(reqs) > 1: raise BadRequest("stream takes one prompt; send the others in their own requests")
         return _sse(engine, reqs[0], "text_completion", body,
                     lambda t: {"choices": [{"index": 0, "text": t, "logprobs": None, "finish_reason": None}]},
                     lambda f: {"choices": [{"index": 0, "text": "", "logprobs": None, "finish_reason": f}]})
     results = await _run(request, reqs)
+    choices = [{"index": i, "text": (text if body.echo else "") + r.text, "finish_reason": r.finish_reason, "logprobs": None}
+               for i, ((text, _), r) in enumerate(zip(prompts, results))]
+    if body.logprobs is not None:
+        for c, (_, ids), req, res in zip(choices, prompts, reqs, results):
+            c["logprobs"] = await engine.score(req, res, ids, body.logprobs, body.echo)
     return {"id": f"cmpl-{reqs[0].id}", "object": "text_completion", "created": int(time.time()), "model": body.model,
-            "choices": [{"index": i, "text": r.text, "finish_reason": r.finish_reason, "logprobs": None}
-                        for i, r in enumerate(results)],
-            "usage": _usage(*results)}
+            "choices": choices, "usage": _usage(*results)}
 
 
 # %% ../nbs/07_server.ipynb #a0d36f1a

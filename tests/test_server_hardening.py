@@ -171,9 +171,9 @@ def test_openai_prompt_forms(make_server, loaded):
         assert r.status_code == 400 and words in r.json()["error"]["message"], (body, r.text)
 
 NOT_HONOURED = [
-    ("/v1/completions", {"echo": True, "logprobs": 1}, "logprobs, echo: not supported"),
-    ("/v1/completions", {"logprobs": 0}, "logprobs: not supported"),
-    ("/v1/completions", {"echo": True}, "echo: not supported"),
+    ("/v1/completions", {"logprobs": 21}, "less than or equal to 20"),
+    ("/v1/completions", {"logprobs": 1, "stream": True}, "echo and logprobs need stream: false"),
+    ("/v1/completions", {"echo": True, "stream": True}, "echo and logprobs need stream: false"),
     ("/v1/completions", {"frequency_penalty": 0.5}, "frequency_penalty: not supported"),
     ("/v1/completions", {"logit_bias": {"50": 100}}, "logit_bias: not supported"),
     ("/v1/completions", {"best_of": 3}, "best_of: not supported"),
@@ -232,3 +232,33 @@ def test_openapi_documents_the_real_responses(make_server):
     assert "/v1/models/{model_id}" in schema["paths"]
     r = post(url, "/v1/completions", {"model": "alpha"})     # what the schema says a 400 looks like, it looks like
     assert r.status_code == 400 and set(r.json()["error"]) == {"message", "type", "code"}
+
+@pytest.mark.parametrize("engine", ["batched", "fast"])
+def test_logprobs_and_echo(make_server, loaded, engine):
+    "lm-evaluation-harness's loglikelihood request (token ids, echo, logprobs=1, one new token) and a plain top-k request."
+    from openai import OpenAI
+    url, _ = make_server(engine)
+    tok, base = loaded[1], loaded[2]
+    client = OpenAI(base_url=url + "/v1", api_key="x")
+    ctx, cont = tok("Question:")["input_ids"], tok(" alpha")["input_ids"]
+    split = tok("Hel", add_special_tokens=False)["input_ids"] + tok("lo", add_special_tokens=False)["input_ids"]
+    assert split != tok("Hello")["input_ids"]        # not the canonical ids of its text: echo must score these, as sent
+    c = client.completions.create(model="alpha", prompt=[ctx + cont, split, ctx + cont], max_tokens=1, temperature=0,
+                                  logprobs=1, echo=True)
+    assert [ch.index for ch in c.choices] == [0, 1, 2]
+    for ch, sent in zip(c.choices, [ctx + cont, split, ctx + cont]):
+        lp = ch.logprobs
+        assert len(lp.tokens) == len(sent) + 1 and lp.tokens[:-1] == [tok.decode([i]) for i in sent]
+        assert lp.token_logprobs[0] is None and all(x <= 0 for x in lp.token_logprobs[1:])
+        assert lp.tokens[-1] == " alpha" and lp.token_logprobs[-1] > -1e-3      # the marker's word, almost certain
+    scored = c.choices[0].logprobs
+    cont_lp = scored.token_logprobs[len(ctx):-1]                                 # what the harness sums
+    assert len(cont_lp) == 1 and cont_lp[0] > -1e-3 and cont_lp[0] == max(scored.top_logprobs[len(ctx)].values())
+    on_base = client.completions.create(model=base, prompt=[ctx + cont], max_tokens=1, temperature=0, logprobs=1, echo=True)
+    assert on_base.choices[0].logprobs.token_logprobs[len(ctx)] < -5             # the base model finds " alpha" unlikely
+    top = client.completions.create(model="beta", prompt="Hi", max_tokens=2, temperature=0, logprobs=3)
+    lp = top.choices[0]
+    assert top.choices[0].text == " beta beta" and lp.logprobs.tokens == [" beta", " beta"]
+    assert all(len(t) == 3 and list(t)[0] == " beta" for t in lp.logprobs.top_logprobs)
+    echo = client.completions.create(model="beta", prompt="Hi", max_tokens=2, temperature=0, echo=True)
+    assert echo.choices[0].text == "Hi beta beta" and echo.choices[0].logprobs is None
