@@ -211,7 +211,9 @@ def _gen_request(request: Request, prompt: str, adapter: str, n_new: int, body: 
     if not prompt or not prompt.strip(): raise BadRequest("prompt must not be empty")
     if len(prompt) > lim["max_prompt_chars"]: raise BadRequest(f"prompt is over {lim['max_prompt_chars']} characters")
     for s in [prompt, *(body.stop or [])]: _utf8(s, "prompt" if s is prompt else "a stop string")
-    if len(engine.tokenizer(prompt)["input_ids"]) > lim["max_prompt_tokens"]:
+    try: n = len(engine.tokenizer(prompt)["input_ids"])
+    except Exception as e: raise BadRequest(f"prompt cannot be tokenized ({type(e).__name__})")
+    if n > lim["max_prompt_tokens"]:
         raise BadRequest(f"prompt is over {lim['max_prompt_tokens']} tokens")
     if n_new > lim["max_new_tokens"]: raise BadRequest(f"max tokens must be at most {lim['max_new_tokens']}")
     req = GenRequest(prompt, adapter, n_new, body.temperature, body.top_p, list(body.stop or []), body.seed, body.ignore_eos)
@@ -224,8 +226,8 @@ def _usage(*results: GenResult) -> dict:
 
 
 # %% ../nbs/07_server.ipynb #caea64c2
-def _prompts(tokenizer, prompt: str | list) -> list[tuple[str, list[int]]]:
-    "OpenAI's four prompt forms (a string, strings, token ids, lists of token ids) as (text, token ids) pairs."
+def _prompts(tokenizer, prompt: str | list) -> list[tuple[str, list[int] | None]]:
+    "OpenAI's four prompt forms (a string, strings, token ids, lists of token ids) as (text, ids as sent) pairs."
     if isinstance(prompt, str): prompt = [prompt]
     if not prompt: raise BadRequest("prompt must not be an empty list")
     if isinstance(prompt[0], int): prompt = [prompt]
@@ -234,7 +236,7 @@ def _prompts(tokenizer, prompt: str | list) -> list[tuple[str, list[int]]]:
     for p in prompt:
         if isinstance(p, list) and (not p or min(p) < 0 or max(p) >= vocab):
             raise BadRequest(f"token-id prompts must be non-empty, with ids in [0, {vocab})")
-        out.append((p, tokenizer(p)["input_ids"]) if isinstance(p, str) else (tokenizer.decode(p), p))
+        out.append((p, None) if isinstance(p, str) else (tokenizer.decode(p), p))
     return out
 
 
@@ -313,7 +315,8 @@ async def _completions(body: CompletionBody, request: Request):
     choices = [{"index": i, "text": (text if body.echo else "") + r.text, "finish_reason": r.finish_reason, "logprobs": None}
                for i, ((text, _), r) in enumerate(zip(prompts, results))]
     if body.logprobs is not None:
-        for c, (_, ids), req, res in zip(choices, prompts, reqs, results):
+        for c, (_, ids), req, res in zip(choices, prompts, reqs, results):   # a text prompt is scored as the engine read it
+            ids = ids or engine.tokenizer(req.prompt)["input_ids"]
             c["logprobs"] = await engine.score(req, res, ids, body.logprobs, body.echo)
     return {"id": f"cmpl-{reqs[0].id}", "object": "text_completion", "created": int(time.time()), "model": body.model,
             "choices": choices, "usage": _usage(*results)}
@@ -348,7 +351,7 @@ def _card(engine: Engine, name: str) -> dict:
     return {"id": name, "object": "model", "created": 0, "owned_by": "multilora", "root": engine.base_name,
             "parent": None if name == engine.base_name else engine.base_name}
 
-@models_router.get("/v1/models")
+@models_router.get("/v1/models", responses=_errors())
 async def _list_models(request: Request):
     "The base model and every adapter, as OpenAI's model list."
     engine = request.app.state.engine
@@ -357,7 +360,8 @@ async def _list_models(request: Request):
 @models_router.get("/v1/models/{model_id:path}", responses=_errors(404))
 async def _retrieve_model(model_id: str, request: Request):
     "One model (`client.models.retrieve`): the base model or a loaded adapter."
-    engine, names = request.app.state.engine, [request.app.state.engine.base_name] + request.app.state.engine.adapters
+    engine = request.app.state.engine
+    names = [engine.base_name] + engine.adapters
     if model_id not in names: raise UnknownAdapter(f"Unknown model {model_id!r}; serving {names}")
     return _card(engine, model_id)
 
@@ -390,14 +394,14 @@ async def _unload_lora(body: UnloadLoraBody, request: Request):
 # %% ../nbs/07_server.ipynb #6a80df39
 ops_router = APIRouter(tags=["ops"])
 
-@ops_router.get("/health")
+@ops_router.get("/health", responses=_errors())
 async def _health(request: Request):
     "Whether the server takes requests, what it serves, and how busy it is."
     engine = request.app.state.engine
     return {"status": "draining" if engine.closing else "ok", "engine": engine.kind, "base_model": engine.base_name,
             "adapters": engine.adapters, "queue_depth": engine.queue_depth, "in_flight": engine.in_flight}
 
-@ops_router.get("/metrics", response_class=PlainTextResponse)
+@ops_router.get("/metrics", response_class=PlainTextResponse, responses=_errors())
 async def _metrics(request: Request):
     "Prometheus metrics of the engine."
     engine = request.app.state.engine
