@@ -16,11 +16,12 @@ __all__ = ['MAX_STOP', 'MAX_PROMPTS', 'MAX_LOGPROBS', 'generate_router', 'comple
            'free_port', 'BackgroundServer', 'serve']
 
 # %% ../nbs/07_server.ipynb #39634db4
-from fastapi import APIRouter, FastAPI, HTTPException, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import PlainTextResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, field_validator, model_validator
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from .engine import (BASE, BadRequest, Engine, GenRequest, GenResult, ServerError, UnknownAdapter,
                               check_adapter_name, load_for_serving, log, make_engine, resolve_adapter_path)
 
@@ -46,11 +47,11 @@ class _Body(BaseModel):
         return {k: v for k, v in data.items() if k not in cls.refused}
 
 class _Sampling(_Body):
-    temperature: float = Field(0.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    temperature: StrictFloat = Field(0.0, ge=0.0, le=2.0)
+    top_p: StrictFloat = Field(1.0, gt=0.0, le=1.0)
     stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
-    ignore_eos: bool = False
+    seed: StrictInt | None = Field(None, ge=0, le=2**63 - 1)
+    ignore_eos: StrictBool = False       # strict types: what the schema says is a number or a boolean, is one
 
     @field_validator("stop")
     @classmethod
@@ -61,14 +62,14 @@ class _Sampling(_Body):
         return v
 
 class StreamOptions(_Body):
-    include_usage: bool = False
+    include_usage: StrictBool = False
 
 class _OpenAI(_Sampling):
     model: str
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    stream: bool = False
+    temperature: StrictFloat = Field(1.0, ge=0.0, le=2.0)
+    stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    n: int = Field(1, ge=1, le=1)
+    n: StrictInt = Field(1, ge=1, le=1)
 
     @model_validator(mode="after")
     def _options_need_stream(self):
@@ -80,15 +81,15 @@ class GenerateBody(_Sampling):
     prompt: str | None = None
     inputs: dict[str, Any] | None = None
     task_name: str | None = None        # adapter name; None or the base model's name means no adapter
-    max_new_tokens: int = Field(64, ge=1)
+    max_new_tokens: StrictInt = Field(64, ge=1)
 
 class CompletionBody(_OpenAI):
     "`POST /v1/completions` (OpenAI): `model` names the adapter; `prompt` in any of OpenAI's four forms."
     refused: ClassVar[tuple] = tuple(k for k in _NOT_HONOURED if k not in ("logprobs", "echo"))
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int = Field(16, ge=1)
-    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)   # the top-k log-probabilities of each token
-    echo: bool = False                                         # the prompt comes back too (and its logprobs)
+    max_tokens: StrictInt = Field(16, ge=1)
+    logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS)   # the top-k log-probabilities of each token
+    echo: StrictBool = False                                         # the prompt comes back too (and its logprobs)
 
     @model_validator(mode="after")
     def _scores_do_not_stream(self):
@@ -102,8 +103,8 @@ class ChatMessage(_Body):
 class ChatBody(_OpenAI):
     "`POST /v1/chat/completions` (OpenAI): `model` names the adapter."
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_tokens: StrictInt | None = Field(None, ge=1)
+    max_completion_tokens: StrictInt | None = Field(None, ge=1)
 
 class LoadLoraBody(_Body):
     lora_name: str
@@ -272,13 +273,15 @@ def _errors(*codes: int) -> dict:
     why = {400: "Invalid request", 401: "Missing or wrong API key", 403: "Adapter admin is off", 404: "Unknown model",
            409: "Adapter already loaded, or the last one", 413: "Body too large", 503: "Queue full or shutting down",
            500: "Internal server error"}
-    return {c: {"model": ErrorBody, "description": why[c]} for c in (401, 413, 500, *codes)}
+    error = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}
+    return {c: {"description": why[c], "content": error} for c in (400, 401, 413, 500, *codes)}
 
 _STREAM = {200: {"description": "JSON, or server-sent events with `stream`", "content": {"text/event-stream": {}}}}
+_TEXT = {200: {"description": "Plain text", "content": {"text/plain": {"schema": {"type": "string"}}}}}
 
 generate_router = APIRouter(tags=["generate"])
 
-@generate_router.post("/generate", responses=_errors(400, 404, 503))
+@generate_router.post("/generate", responses=_errors(404, 503))
 async def _generate(body: GenerateBody, request: Request):
     "The seed's endpoint: `task_name` picks the adapter; answers with both the seed's keys (`task`, `result`) and ours."
     engine, templates = request.app.state.engine, request.app.state.templates
@@ -299,7 +302,7 @@ async def _generate(body: GenerateBody, request: Request):
 # %% ../nbs/07_server.ipynb #3b27b598
 completions_router = APIRouter(tags=["openai"])
 
-@completions_router.post("/v1/completions", responses={**_errors(400, 404, 503), **_STREAM})
+@completions_router.post("/v1/completions", responses={**_errors(404, 503), **_STREAM})
 async def _completions(body: CompletionBody, request: Request):
     "OpenAI completions: one choice per prompt; streaming takes one prompt."
     engine = request.app.state.engine
@@ -325,7 +328,7 @@ async def _completions(body: CompletionBody, request: Request):
 # %% ../nbs/07_server.ipynb #a0d36f1a
 chat_router = APIRouter(tags=["openai"])
 
-@chat_router.post("/v1/chat/completions", responses={**_errors(400, 404, 503), **_STREAM})
+@chat_router.post("/v1/chat/completions", responses={**_errors(404, 503), **_STREAM})
 async def _chat_completions(body: ChatBody, request: Request):
     "OpenAI chat completions: the messages go through the tokenizer's chat template."
     engine = request.app.state.engine
@@ -374,7 +377,7 @@ def _admin_root(request: Request) -> Path:
     if root is None: raise ServerError("Adapter loading is off: the server has no adapter root", 403)
     return root
 
-@admin_router.post("/v1/load_lora_adapter", response_class=PlainTextResponse, responses=_errors(400, 403, 409))
+@admin_router.post("/v1/load_lora_adapter", responses={**_errors(403, 409), **_TEXT})
 async def _load_lora(body: LoadLoraBody, request: Request):
     "vLLM's endpoint: load an adapter from a folder under the adapter root, checked first, whole or not at all."
     root, engine = _admin_root(request), request.app.state.engine
@@ -382,7 +385,7 @@ async def _load_lora(body: LoadLoraBody, request: Request):
     await engine.load_adapter(body.lora_name, resolve_adapter_path(root, body.lora_path))
     return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
-@admin_router.post("/v1/unload_lora_adapter", response_class=PlainTextResponse, responses=_errors(403, 404, 409))
+@admin_router.post("/v1/unload_lora_adapter", responses={**_errors(403, 404, 409), **_TEXT})
 async def _unload_lora(body: UnloadLoraBody, request: Request):
     "vLLM's endpoint: unload an adapter; its requests still queued get a 404."
     _admin_root(request)
@@ -401,7 +404,7 @@ async def _health(request: Request):
     return {"status": "draining" if engine.closing else "ok", "engine": engine.kind, "base_model": engine.base_name,
             "adapters": engine.adapters, "queue_depth": engine.queue_depth, "in_flight": engine.in_flight}
 
-@ops_router.get("/metrics", response_class=PlainTextResponse, responses=_errors())
+@ops_router.get("/metrics", responses={**_errors(), **_TEXT})
 async def _metrics(request: Request):
     "Prometheus metrics of the engine."
     engine = request.app.state.engine
@@ -428,7 +431,7 @@ def create_app(engine: Engine, api_key: str | None = None, adapter_root: str | o
                             max_new_tokens=max_new_tokens)
     app.add_middleware(GuardMiddleware, api_key=api_key, max_body_bytes=max_body_bytes)
     app.add_exception_handler(RequestValidationError, _invalid)
-    app.add_exception_handler(HTTPException, lambda r, e: _error(e.status_code, str(e.detail), getattr(e, "headers", None)))
+    app.add_exception_handler(StarletteHTTPException, _http_error)   # routing's own 404 and 405 too
     app.add_exception_handler(ServerError, _server_error)
     for r in ROUTERS: app.include_router(r)
     app.openapi = lambda: _openapi(app)
@@ -440,17 +443,23 @@ async def _invalid(request: Request, exc: RequestValidationError) -> Response:
     msgs = [f"{'.'.join(str(x) for x in e['loc'][1:]) or 'body'}: {e['msg']}" for e in exc.errors()]
     return _error(400, "; ".join(msgs)[:1000])
 
+async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+    return _error(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
+
 async def _server_error(request: Request, exc: ServerError) -> Response:
     if exc.status >= 500 and exc.status != 503: log.error("request failed: %r", exc)
     return _error(exc.status, str(exc) if exc.status < 500 or exc.status == 503 else "Internal server error", exc.headers)
 
 def _openapi(app: FastAPI) -> dict:
-    "The app's schema with FastAPI's 422 taken out: a validation error is answered with a 400 in `ErrorBody`'s shape."
+    "The app's schema without FastAPI's 422: a validation error is a 400 in `ErrorBody`'s shape, as every error is."
     if app.openapi_schema: return app.openapi_schema
     schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
     for ops in schema["paths"].values():
         for op in ops.values(): op.get("responses", {}).pop("422", None)
-    for name in ("HTTPValidationError", "ValidationError"): schema.get("components", {}).get("schemas", {}).pop(name, None)
+    schemas = schema.setdefault("components", {}).setdefault("schemas", {})
+    for name in ("HTTPValidationError", "ValidationError"): schemas.pop(name, None)
+    error = ErrorBody.model_json_schema(ref_template="#/components/schemas/{model}")   # what every error response names
+    schemas.update(error.pop("$defs", {}), ErrorBody=error)
     app.openapi_schema = schema
     return schema
 

@@ -232,6 +232,11 @@ def test_openapi_documents_the_real_responses(make_server):
     assert "/v1/models/{model_id}" in schema["paths"]
     r = post(url, "/v1/completions", {"model": "alpha"})     # what the schema says a 400 looks like, it looks like
     assert r.status_code == 400 and set(r.json()["error"]) == {"message", "type", "code"}
+    for extra in ({"stream": 0}, {"seed": False}, {"temperature": True}, {"max_tokens": 2.5}):   # the schema's types, strictly
+        r = post(url, "/v1/completions", {"model": "alpha", "prompt": "Hi", **extra})
+        assert r.status_code == 400, (extra, r.text)
+    for r in (httpx.get(url + "/nope"), httpx.get(url + "/v1/models/a%0Ab"), httpx.delete(url + "/v1/models")):
+        assert r.status_code in (404, 405) and set(r.json()["error"]) == {"message", "type", "code"}, r.text
 
 @pytest.mark.parametrize("engine", ["batched", "fast"])
 def test_logprobs_and_echo(make_server, loaded, engine):
