@@ -4,7 +4,7 @@
 
 # %% ../nbs/07_engine.ipynb #23d438f9
 from __future__ import annotations
-import asyncio, importlib, logging, os, re, threading, time, uuid
+import asyncio, dataclasses, gc, importlib, json, logging, os, re, threading, time, uuid
 from collections import defaultdict, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -12,17 +12,21 @@ from pathlib import Path
 from typing import AsyncIterator, Awaitable, Callable
 
 # %% auto #0
-__all__ = ['BASE', 'log', 'LATENCY_BUCKETS', 'BATCH_BUCKETS', 'ENGINES', 'load_for_serving', 'ServerError', 'UnknownAdapter',
-           'QueueFull', 'BadRequest', 'GenRequest', 'GenResult', 'RowTracker', 'generate_rows', 'Metrics',
-           'resolve_adapter_path', 'Engine', 'LockedEngine', 'BatchedEngine', 'engine_class', 'make_engine']
+__all__ = ['BASE', 'log', 'SAMPLING_EPS', 'LATENCY_BUCKETS', 'BATCH_BUCKETS', 'ENGINES', 'load_for_serving', 'ServerError',
+           'UnknownAdapter', 'QueueFull', 'BadRequest', 'GenRequest', 'GenResult', 'RowTracker', 'generate_rows',
+           'token_logprobs', 'Metrics', 'resolve_adapter_path', 'check_adapter', 'Engine', 'check_adapter_name',
+           'LockedEngine', 'BatchedEngine', 'engine_class', 'make_engine']
 
 # %% ../nbs/07_engine.ipynb #09f63192
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
-from peft import PeftModel
+from peft import LoraConfig, PeftModel
+from peft.tuners.tuners_utils import check_target_module_exists
+from safetensors import safe_open
+from fastcore.basics import patch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from .model import load_base_model, generate, stop_token_ids, EMBEDDED_NAME
-from .adapters import load_adapters, adapter_names, saved_templates
+from .adapters import Task, load_adapters, adapter_names, saved_templates
 
 # %% ../nbs/07_engine.ipynb #40c00132
 def load_for_serving(adapters: str | os.PathLike | None, base_model: str | None = None, quantization: str = "nf4"):
@@ -54,6 +58,8 @@ class QueueFull(ServerError): status = 503
 class BadRequest(ServerError): status = 400
 
 # %% ../nbs/07_engine.ipynb #4b714044
+SAMPLING_EPS = 1e-5   # vLLM's: a temperature below it is greedy
+
 @dataclass
 class GenRequest:
     "One generation request, as the engines see it."
@@ -69,6 +75,9 @@ class GenRequest:
     cancelled: threading.Event = field(default_factory=threading.Event)
     created: float = field(default_factory=time.perf_counter)
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+
+    def __post_init__(self):
+        if self.temperature < SAMPLING_EPS: self.temperature = 0.0   # logits / 1e-38 overflow to inf, then NaN
 
     @property
     def sampling_key(self) -> tuple:
@@ -87,6 +96,7 @@ class GenResult:
     finish_reason: str                  # "stop" (EOS or a stop string), "length", or "cancelled"
     latency_s: float = 0.0
     stop_token: bool = False            # it ended on one of the model's stop tokens (not a stop string or the budget)
+    token_ids: list[int] | None = None  # the generated ids (past a stop string too), where the engine keeps them
 
 # %% ../nbs/07_engine.ipynb #40608667
 class RowTracker(StoppingCriteria):
@@ -157,7 +167,31 @@ def generate_rows(model, tokenizer, reqs: list[GenRequest]) -> list[GenResult]:
     now = time.perf_counter()
     for i in range(len(reqs)): tracker._emit(i, True)
     return [GenResult(tracker.text(i), r.adapter, prompt_lens[i], len(tracker.ids[i]), tracker.finish[i], now - r.created,
-                      tracker.stop_token[i]) for i, r in enumerate(reqs)]
+                      tracker.stop_token[i], tracker.ids[i]) for i, r in enumerate(reqs)]
+
+# %% ../nbs/07_engine.ipynb #2ca8715e
+def token_logprobs(model, tokenizer, prompt_ids: list[int], new_ids: list[int], adapter: str = BASE, k: int = 0,
+                   echo: bool = False) -> dict:
+    "OpenAI's completions `logprobs` for `new_ids` after `prompt_ids` (and the prompt's, with `echo`), by one forward pass."
+    ids = torch.tensor([list(prompt_ids) + list(new_ids)], device=model.device)
+    kw = {"adapter_names": [adapter]} if isinstance(model, PeftModel) else {}
+    with torch.no_grad(): lp = torch.log_softmax(model(input_ids=ids, **kw).logits[0].float(), -1)
+    out, offset = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}, 0
+    for pos in range(0 if echo else len(prompt_ids), ids.shape[1]):
+        tok = ids[0, pos].item()
+        piece = tokenizer.decode([tok])
+        out["tokens"].append(piece)
+        out["text_offset"].append(offset)
+        offset += len(piece)
+        if pos == 0:                                     # nothing comes before the first token: OpenAI says null
+            out["token_logprobs"].append(None)
+            out["top_logprobs"].append(None)
+            continue
+        out["token_logprobs"].append(lp[pos - 1, tok].item())
+        v, i = lp[pos - 1].topk(k)
+        out["top_logprobs"].append({tokenizer.decode([j]): x for j, x in zip(i.tolist(), v.tolist())})
+    return out
+
 
 # %% ../nbs/07_engine.ipynb #bf7aa1c2
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -204,18 +238,78 @@ class Metrics:
         return generate_latest(self.registry).decode()
 
 # %% ../nbs/07_engine.ipynb #a6623283
-_ADAPTER_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,63}")
-
 def resolve_adapter_path(root: str | os.PathLike, path: str | os.PathLike) -> Path:
     "The real path of adapter folder `path`, which must lie inside `root` and hold a safetensors adapter."
     root = Path(root).resolve()
-    p = Path(path)
+    if len(str(path)) > 4096 or "\0" in str(path): raise BadRequest("Adapter path is over 4096 characters or holds a NUL")
+    try: return _adapter_folder(root, Path(path))
+    except (OSError, UnicodeError) as e:
+        raise BadRequest(f"Adapter path cannot be read: {getattr(e, 'strerror', None) or e}")
+
+def _adapter_folder(root: Path, p: Path) -> Path:
     p = (p if p.is_absolute() else root/p).resolve()   # resolve() follows symlinks *before* the containment check
-    if not p.is_relative_to(root): raise BadRequest(f"Adapter path must be inside the adapter root")
+    if not p.is_relative_to(root): raise BadRequest("Adapter path must be inside the adapter root")
     if not (p/"adapter_config.json").is_file(): raise BadRequest(f"No adapter_config.json in {p.relative_to(root)}")
     if not (p/"adapter_model.safetensors").is_file(): raise BadRequest("Adapters load from adapter_model.safetensors only")
-    if any(p.glob("*.bin")) or any(p.glob("*.pt")) or any(p.glob("*.pkl")): raise BadRequest("Adapter folder holds pickle files; refusing to load it")
+    if any(p.glob("*.bin")) or any(p.glob("*.pt")) or any(p.glob("*.pkl")):
+        raise BadRequest("Adapter folder holds pickle files; refusing to load it")
     return p
+
+
+# %% ../nbs/07_engine.ipynb #9c2028c5
+_LORA_KEY = re.compile(r"base_model\.model\.(.+)\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)"
+                       r"(\.weight|\.bias)?")
+
+def _lora_config(path: Path) -> LoraConfig:
+    "The adapter's `LoraConfig`, or a `BadRequest` that says what is wrong with `adapter_config.json`."
+    try: cfg = json.loads((path/"adapter_config.json").read_text())
+    except (ValueError, UnicodeDecodeError) as e: raise BadRequest(f"adapter_config.json is not valid JSON: {e}")
+    if not isinstance(cfg, dict) or cfg.get("peft_type") != "LORA":
+        raise BadRequest('adapter_config.json must be an object with "peft_type": "LORA"')
+    r = cfg.get("r")
+    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+        raise BadRequest(f"adapter_config.json: r must be a positive int, got {r!r}")
+    known = {f.name for f in dataclasses.fields(LoraConfig)}
+    try: return LoraConfig(**{k: v for k, v in cfg.items() if k in known})
+    except Exception as e: raise BadRequest(f"adapter_config.json is not a valid LoRA config: {str(e)[:300]}")
+
+
+# %% ../nbs/07_engine.ipynb #00261ebc
+def _expected_shape(mod, kind: str, suffix: str | None, r: int) -> tuple:
+    "The shape peft gives weight `kind` (+`suffix`) of a rank-`r` LoRA on `mod`."
+    base = getattr(mod, "base_layer", mod)
+    if isinstance(base, torch.nn.Embedding):
+        return {"lora_embedding_A": (r, base.num_embeddings), "lora_embedding_B": (base.embedding_dim, r)}.get(kind)
+    if not isinstance(base, torch.nn.Linear): raise BadRequest(f"LoRA on a {type(base).__name__} layer is not served")
+    if kind == "lora_A": return (r, base.in_features)
+    if kind == "lora_B": return (base.out_features,) if suffix == ".bias" else (base.out_features, r)
+    if kind == "lora_magnitude_vector": return (base.out_features,)
+
+def check_adapter(model, path: str | os.PathLike) -> LoraConfig:
+    "Raise a `BadRequest` naming the first way the adapter in `path` does not fit `model`; its config otherwise."
+    path, config = Path(path), _lora_config(Path(path))
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    mods = {n: m for n, m in base.named_modules() if n and "lora_" not in n and not n.endswith("base_layer")}
+    if not any(check_target_module_exists(config, n) for n in mods):
+        raise BadRequest(f"target_modules {config.target_modules!r} match no module of the base model")
+    try:
+        with safe_open(path/"adapter_model.safetensors", "pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}     # the header only: no tensor data
+    except Exception as e: raise BadRequest(f"adapter_model.safetensors cannot be read: {str(e)[:200]}")
+    if not shapes: raise BadRequest("adapter_model.safetensors holds no weights")
+    ranks = {config.r, *(config.rank_pattern or {}).values()}
+    for key, shape in shapes.items():
+        m = _LORA_KEY.fullmatch(key)
+        if m is None or m[1] not in mods: raise BadRequest(f"Weight {key!r} maps to no module of the base model")
+        if not check_target_module_exists(config, m[1]):
+            raise BadRequest(f"Weight {key!r} is for {m[1]}, which target_modules leaves out")
+        if m[3] == ".bias" and not config.lora_bias:
+            raise BadRequest(f"Weight {key!r} is a bias, but the config has lora_bias false")
+        if shape not in [_expected_shape(mods[m[1]], m[2], m[3], r) for r in ranks]:
+            want = list(_expected_shape(mods[m[1]], m[2], m[3], config.r) or ())
+            raise BadRequest(f"Weight {key!r} has shape {list(shape)}; this base and r={config.r} need {want}")
+    return config
+
 
 # %% ../nbs/07_engine.ipynb #7bed28da
 class Engine:
@@ -291,13 +385,8 @@ class Engine:
         self.metrics.record(out); return out
 
     async def load_adapter(self, name: str, path: Path):
-        "Add adapter `name` from `path` between two model calls."
-        def load():
-            if name in self.adapters: raise ServerError(f"Adapter {name!r} is already loaded", 409)
-            if isinstance(self.model, PeftModel): self.model.load_adapter(str(path), adapter_name=name)
-            else: self.model = PeftModel.from_pretrained(self.model, str(path), adapter_name=name)
-            self.model.eval()
-        await self.in_model_thread(load)
+        "Add adapter `name` from `path` between two model calls: checked first, then loaded whole or not at all."
+        await self.in_model_thread(self._load, name, path)
 
     async def unload_adapter(self, name: str):
         "Remove adapter `name` between two model calls; requests still queued for it get a 404."
@@ -313,6 +402,42 @@ class Engine:
         self.closing = True
         while self.in_flight or self.queue_depth: await asyncio.sleep(0.05)
         self.pool.shutdown(wait=True)
+
+# %% ../nbs/07_engine.ipynb #20da5036
+def check_adapter_name(name: str, base_name: str):
+    "Raise a `BadRequest` unless `name` can name a new adapter: `Task`'s rule, and not the base model's name."
+    try: Task(name)
+    except ValueError as e: raise BadRequest(f"Invalid adapter name {name!r}: {e}")
+    if name in (BASE, base_name): raise BadRequest(f"Invalid adapter name {name!r}: it names the base model")
+
+@patch
+def _load(self: Engine, name: str, path: Path):
+    "On the model thread: check, load, and on any failure delete what peft made of the adapter."
+    if name in self.adapters: raise ServerError(f"Adapter {name!r} is already loaded", 409)
+    check_adapter_name(name, self.base_name)
+    check_adapter(self.model, path)
+    try:
+        if not isinstance(self.model, PeftModel):
+            self.model = PeftModel.from_pretrained(self.model, str(path), adapter_name=name)
+        else:
+            left = [k for k in self.model.load_adapter(str(path), adapter_name=name).unexpected_keys if "lora_" in k]
+            if left: raise BadRequest(f"Adapter weights peft could not place: {left[:3]}")
+    except Exception as e:
+        if name in self.adapters: self.model.delete_adapter(name)
+        gc.collect()
+        if isinstance(e, ServerError): raise
+        raise BadRequest(f"Adapter {name!r} does not load: {type(e).__name__}: {str(e)[:300]}")
+    self.model.eval()
+
+# %% ../nbs/07_engine.ipynb #701cddf7
+@patch
+async def score(self: Engine, req: GenRequest, res: GenResult, prompt_ids: list[int], k: int = 0, echo: bool = False) -> dict:
+    "OpenAI's `logprobs` for `res`, the answer to `req` (and for its prompt, `prompt_ids`, with `echo`)."
+    new = res.token_ids if res.token_ids is not None else self.tokenizer(res.text, add_special_tokens=False)["input_ids"]
+    def run():
+        if req.adapter != BASE and req.adapter not in self.adapters: raise UnknownAdapter(f"Adapter {req.adapter!r} was unloaded")
+        return token_logprobs(self.model, self.tokenizer, prompt_ids, new, req.adapter, k, echo)
+    return await self.in_model_thread(run)
 
 # %% ../nbs/07_engine.ipynb #da224d08
 class LockedEngine(Engine):
