@@ -57,7 +57,8 @@ _ALLOWED = {sqlite3.SQLITE_SELECT, sqlite3.SQLITE_READ, sqlite3.SQLITE_FUNCTION,
 
 def _authorizer(action, *args): return sqlite3.SQLITE_OK if action in _ALLOWED else sqlite3.SQLITE_DENY
 
-def execute_sql(db_path, sql: str, timeout: float = 5.0, max_rows: int = 100_000) -> list[tuple]:
+def execute_sql(db_path, sql: str, timeout: float = 5.0, max_rows: int = 100_000,
+                max_value_bytes: int = 1_000_000) -> list[tuple]:
     "The rows `sql` returns on the SQLite file `db_path`, run read-only, as one statement, within `timeout` seconds."
     db_path = Path(db_path)
     if not db_path.is_file(): raise FileNotFoundError(f"No SQLite database at {db_path}")
@@ -66,6 +67,10 @@ def execute_sql(db_path, sql: str, timeout: float = 5.0, max_rows: int = 100_000
     try:
         con.execute("PRAGMA query_only = ON")
         con.set_authorizer(_authorizer)
+        if hasattr(con, "setlimit"):                                 # Python 3.11+
+            con.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, max_value_bytes)
+            con.setlimit(sqlite3.SQLITE_LIMIT_COLUMN, 256)
+            con.setlimit(sqlite3.SQLITE_LIMIT_SQL_LENGTH, 100_000)
         deadline = time.monotonic() + timeout
         con.set_progress_handler(lambda: int(time.monotonic() > deadline), 1000)
         try:

@@ -101,7 +101,7 @@ def test_bad_adapter_on_the_fast_engine(make_server, adapter_root):
     for name, path in [("w", bad_adapter(adapter_root, "wide2", weights=lambda w: {**w, H + "lora_A.weight": torch.zeros(1, 4096)})),
                        ("a.b", "extra/gamma")]:
         assert post(url, "/v1/load_lora_adapter", {"lora_name": name, "lora_path": path}).status_code == 400
-    assert listed(url)[1:] == ["alpha", "beta"] and eng.fast.names == ["alpha", "beta"]
+    assert listed(url)[1:] == ["alpha", "beta"] and eng.runner.names == ["alpha", "beta"]
     assert answers(url) == {"alpha": " alpha alpha alpha", "beta": " beta beta beta"}
 
 SURROGATE = [
