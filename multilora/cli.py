@@ -15,8 +15,8 @@ def _print_summary(summary: dict, out_dir, elapsed: float):
     print(f"\n{'task':16} {'updates':>7} {'first loss':>10} {'last loss':>9}")
     for n, r in summary.items():
         f, l = r["first_loss"], r["last_loss"]
-        print(f"{n:16} {r['updates']:7d} {f if f is not None else float('nan'):10.3f} {l if l is not None else float('nan'):9.3f}"
-              + (f"  ({r['skipped']} skipped)" if r["skipped"] else ""))
+        f, l = (float("nan") if x is None else x for x in (f, l))
+        print(f"{n:16} {r['updates']:7d} {f:10.3f} {l:9.3f}" + (f"  ({r['skipped']} skipped)" if r["skipped"] else ""))
     out = Path(out_dir)
     print(f"\nadapters (PEFT layout): {out/'adapters'}\ncheckpoints:            {out/'checkpoints'}\n"
           f"metrics log:            {out/'metrics.jsonl'}\nloss plot:              {out/'loss.png'}\ntook {elapsed:.0f}s")
@@ -26,7 +26,10 @@ def _save_plot(trainer, out_dir):
     import matplotlib; matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from multilora.train import plot_losses
-    ax = plot_losses(trainer.history); ax.figure.tight_layout(); ax.figure.savefig(Path(out_dir)/"loss.png", dpi=100); plt.close(ax.figure)
+    ax = plot_losses(trainer.history)
+    ax.figure.tight_layout()
+    ax.figure.savefig(Path(out_dir)/"loss.png", dpi=100)
+    plt.close(ax.figure)
 
 # %% ../nbs/09_cli.ipynb #539a1768
 def _cmd_train(args):
@@ -94,36 +97,67 @@ def _cmd_serve(args):
           **({"max_len": args.max_len, "dequantize": args.dequantize} if args.engine == "fast" else {}))
 
 # %% ../nbs/09_cli.ipynb #340aacbe
+def _ints(s: str) -> tuple[int, ...]: return tuple(int(x) for x in s.split(","))
+def _names(s: str) -> tuple[str, ...]: return tuple(s.split(","))
+
+def _bench_train(a):
+    from multilora.bench import bench_train
+    bench_train(a.base, steps=a.steps, batch_size=a.batch_size, output=a.json)
+
+def _bench_profile(a):
+    from multilora.bench import bench_profile
+    bench_profile(a.base, output=a.json)
+
+def _bench_ddp(a):
+    from multilora.bench import bench_ddp
+    bench_ddp(a.base, steps=a.steps, processes=a.processes, global_batch=a.global_batch, work_dir=a.work_dir,
+              output=a.json)
+
+def _bench_serve(a):
+    from multilora.bench import bench_serve
+    bench_serve(a.adapters, engines=_names(a.engines), concurrency=_ints(a.concurrency), max_new_tokens=a.max_new_tokens,
+                max_batch_size=a.max_batch_size, base_model=a.base, output=a.json, base_only=a.base_only,
+                prompt_tokens=a.prompt_tokens, requests_per_level=a.requests,
+                max_concurrency={"locked": a.locked_max_concurrency},
+                engine_kw={"fast": {"max_len": a.max_len, "dequantize": a.dequantize}}, clients=a.clients, waves=a.waves)
+
+# %% ../nbs/09_cli.ipynb #76c2f1f2
+def _bench_kernels(a):
+    from multilora.bench import bench_kernels
+    bench_kernels(a.shape, rows=_ints(a.rows), output=a.json)
+
+def _bench_diag(a):
+    from multilora.bench import bench_diag
+    bench_diag(a.base, a.adapters, modes=_names(a.modes), batch=a.batch, max_new_tokens=a.max_new_tokens,
+               prompt_tokens=a.prompt_tokens, max_len=a.max_len, output=a.json)
+
+def _bench_prefill(a):
+    from multilora.bench import bench_prefill
+    bench_prefill(a.shape, blocks=a.blocks, modes=_names(a.modes), tokenizer=a.tokenizer, work_dir=a.work_dir,
+                  output=a.json)
+
+def _bench_kernel_variants(a):
+    from multilora.bench import bench_kernel_variants
+    bench_kernel_variants(modes=_ints(a.modes), output=a.json)
+
+def _bench_tutorial(a):
+    from multilora.bench import run_tutorial, format_tutorial
+    res = run_tutorial(a.notebooks.split(",") if a.notebooks else None, demo=not a.no_demo, eval_limit=a.eval_limit,
+                       output=a.json, jobs=a.jobs)
+    print(format_tutorial(res))
+
+def _bench_model(a):
+    from multilora.bench import random_model
+    print(random_model(a.shape, a.out, tokenizer=a.tokenizer, overwrite=True))
+
+def _bench_adapters(a):
+    from multilora.bench import random_adapters
+    print(random_adapters(a.base, a.out))
+
 def _cmd_bench(args):
-    "Benchmarks (`serve`, `train`, `kernels`, `tutorial`) and their inputs (`model`: a random-weights model of a real shape; `adapters`: random adapters)."
-    if args.suite == "serve":
-        from multilora.bench import bench_serve
-        engines = tuple(args.engines.split(","))
-        bench_serve(args.adapters, engines=engines, concurrency=tuple(int(c) for c in args.concurrency.split(",")),
-                    max_new_tokens=args.max_new_tokens, max_batch_size=args.max_batch_size, base_model=args.base,
-                    output=args.json or "bench_serve.json", base_only=args.base_only, prompt_tokens=args.prompt_tokens,
-                    requests_per_level=args.requests, max_concurrency={"locked": args.locked_max_concurrency},
-                    engine_kw={"fast": {"max_len": args.max_len, "dequantize": args.dequantize}}, clients=args.clients,
-                    waves=args.waves)
-    elif args.suite == "train":
-        from multilora.bench import bench_train
-        bench_train(args.base, steps=args.steps, batch_size=args.batch_size, output=args.json or "bench_train.json")
-    elif args.suite == "kernels":
-        from multilora.bench import bench_kernels
-        bench_kernels(args.shape, rows=tuple(int(r) for r in args.rows.split(",")), output=args.json or "bench_kernels.json")
-    elif args.suite == "model":
-        from multilora.bench import random_model
-        if not args.out: raise ValueError("bench model needs --out")
-        print(random_model(args.shape, args.out, tokenizer=args.tokenizer, overwrite=True))
-    elif args.suite == "adapters":
-        from multilora.bench import random_adapters
-        if not (args.out and args.base): raise ValueError("bench adapters needs --base and --out")
-        print(random_adapters(args.base, args.out))
-    elif args.suite == "tutorial":
-        from multilora.bench import run_tutorial, format_tutorial
-        res = run_tutorial(args.notebooks.split(",") if args.notebooks else None, demo=not args.no_demo,
-                           eval_limit=args.eval_limit, output=args.json or "tutorial.json", jobs=args.jobs)
-        print(format_tutorial(res))
+    "Run one benchmark suite; without one, list them."
+    if args.suite is None: return args.bench_help()
+    return args.run(args)
 
 # %% ../nbs/09_cli.ipynb #8929fbf8
 def _cmd_export(args):
@@ -137,10 +171,99 @@ def _add_serving_args(p):
     p.add_argument("--base", default=None, help="base model folder or hub id (default: the embedded model)")
     p.add_argument("--max-batch-size", type=int, default=16)
 
+# %% ../nbs/09_cli.ipynb #f793ba66
+_BASE_HELP = "base model folder or hub id (default: the embedded model)"
+
+def _suite(suites, name: str, run, help: str, json: str | None = None):
+    "One `bench` suite's parser; `json` is its default output, `False` for a suite that writes no results."
+    s = suites.add_parser(name, help=help, description=help)
+    s.set_defaults(run=run)
+    if json is not False:
+        s.add_argument("--json", default=json or f"bench_{name.replace('-', '_')}.json",
+                       help="where to write the results (default: %(default)s)")
+    return s
+
+# %% ../nbs/09_cli.ipynb #c38c600a
+def _bench_training_suites(suites):
+    s = _suite(suites, "train", _bench_train, "training: the baseline (pad to 512) against multilora's trainer")
+    s.add_argument("--base", default=None, help=_BASE_HELP)
+    s.add_argument("--steps", type=int, default=20, help="steps per loop")
+    s.add_argument("--batch-size", type=int, default=16, help="examples per step")
+    s = _suite(suites, "profile", _bench_profile, "where a training step's time goes")
+    s.add_argument("--base", default=None, help=_BASE_HELP)
+    s = _suite(suites, "ddp", _bench_ddp, "N training processes against one with the same global batch")
+    s.add_argument("--base", required=True, help="base model folder")
+    s.add_argument("--steps", type=int, default=10)
+    s.add_argument("--processes", type=int, default=2)
+    s.add_argument("--global-batch", type=int, default=16, help="examples per step over all processes")
+    s.add_argument("--work-dir", default=None, help="where the runs go (default: a temporary folder)")
+
+# %% ../nbs/09_cli.ipynb #934aa752
+def _bench_serving_suites(suites):
+    s = _suite(suites, "serve", _bench_serve, "serving: the engines over HTTP, tokens/s and latency per concurrency")
+    s.add_argument("--adapters", default=None,
+                   help="adapters folder (default: marker adapters whose answers have a fixed length)")
+    s.add_argument("--engines", default="locked,batched")
+    s.add_argument("--concurrency", default="1,4,8,16")
+    s.add_argument("--max-new-tokens", type=int, default=16)
+    s.add_argument("--prompt-tokens", type=int, default=None, help="stretch prompts to about this many tokens")
+    s.add_argument("--requests", type=int, default=None,
+                   help="requests per concurrency level (default: waves x concurrency)")
+    s.add_argument("--waves", type=int, default=2, help="requests per client at each level, when --requests is not given")
+    s.add_argument("--base-only", action="store_true", help="also run every engine with the base model alone")
+    s.add_argument("--locked-max-concurrency", type=int, default=16, help="skip higher levels for the (slow) locked engine")
+    s.add_argument("--max-len", type=int, default=1024, help="the fast engine's KV cache length")
+    s.add_argument("--dequantize", default="auto", help="how the fast engine runs NF4 layers")
+    s.add_argument("--clients", default="process", choices=["process", "thread"],
+                   help="run the load generator in its own process (default) or in a thread of the server's process")
+    _add_serving_args(s)
+    s = _suite(suites, "kernels", _bench_kernels, "one NF4 layer at decode sizes, four ways")
+    s.add_argument("--shape", default="tiny", help="llama-2-7b, llama-3.2-1b, smollm2-135m or tiny")
+    s.add_argument("--rows", default="1,16,64", help="batch sizes (rows) to time")
+    s = _suite(suites, "diag", _bench_diag, "the fast engine's parts, per NF4 path")
+    s.add_argument("--base", required=True, help="base model folder")
+    s.add_argument("--adapters", required=True, help="adapters folder")
+    s.add_argument("--modes", default="compiled,torch,bnb", help="NF4 paths (the fast engine's dequantize)")
+    s.add_argument("--batch", type=int, default=64)
+    s.add_argument("--max-new-tokens", type=int, default=64)
+    s.add_argument("--prompt-tokens", type=int, default=128)
+    s.add_argument("--max-len", type=int, default=256)
+    s = _suite(suites, "prefill", _bench_prefill, "the fast engine's prefill on the first blocks of a model shape")
+    s.add_argument("--shape", default="llama-2-7b")
+    s.add_argument("--blocks", type=int, default=4)
+    s.add_argument("--modes", default="dense,compiled", help="NF4 paths (the fast engine's dequantize)")
+    s.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the embedded model's)")
+    s.add_argument("--work-dir", default=None, help="where the model slice goes (default: the cache)")
+    s = _suite(suites, "kernel-variants", _bench_kernel_variants, "variants of the fused NF4 kernel (Triton, GPU)")
+    s.add_argument("--modes", default="3,5,6,7", help="variant numbers, 1 to 7")
+
+# %% ../nbs/09_cli.ipynb #61f8563c
+def _bench_parser(sub):
+    "`multilora bench SUITE`: one subcommand per benchmark suite."
+    b = sub.add_parser("bench", help="benchmarks: each suite prints a table and writes JSON")
+    b.set_defaults(func=_cmd_bench, bench_help=b.print_help)
+    suites = b.add_subparsers(dest="suite", metavar="SUITE")
+    _bench_training_suites(suites)
+    _bench_serving_suites(suites)
+    s = _suite(suites, "tutorial", _bench_tutorial, "every chapter under nbdev_test --flags cuda, then demo and eval",
+               json="tutorial.json")
+    s.add_argument("--notebooks", default=None, help="comma-separated chapters (default: every notebook in nbs/)")
+    s.add_argument("--no-demo", action="store_true", help="run the chapters only, not multilora demo and eval")
+    s.add_argument("--eval-limit", type=int, default=None, help="test examples per task for multilora eval (default: all)")
+    s.add_argument("--jobs", type=int, default=1, help="chapters run side by side (default: 1, one after another)")
+    s = _suite(suites, "model", _bench_model, "write a model folder with random weights of a real shape", json=False)
+    s.add_argument("--shape", default="tiny", help="llama-2-7b, llama-3.2-1b, smollm2-135m or tiny")
+    s.add_argument("--out", required=True, help="output folder")
+    s.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the embedded model's)")
+    s = _suite(suites, "adapters", _bench_adapters, "write two adapters with random weights for a model folder", json=False)
+    s.add_argument("--base", required=True, help="base model folder")
+    s.add_argument("--out", required=True, help="output folder")
+
 # %% ../nbs/09_cli.ipynb #e2e1ae91
 def build_parser() -> argparse.ArgumentParser:
     "The `multilora` argument parser, one subcommand per chapter."
-    p = argparse.ArgumentParser(prog="multilora", description="Train many LoRA adapters on one 4-bit base model and serve them all from it.")
+    p = argparse.ArgumentParser(prog="multilora",
+                                description="Train many LoRA adapters on one 4-bit base model and serve them all from it.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     d = sub.add_parser("demo", help="the README's main job: train both built-in adapters briefly on the embedded model")
     d.add_argument("--steps", type=int, default=None, help="training steps (default: 64 on CPU, 600 on GPU)")
@@ -152,7 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--output-dir", default=None, help="override [train] output_dir")
     t.add_argument("--max-steps", type=int, default=None, help="override [train] max_steps")
     t.add_argument("--batch-size", type=int, default=None, help="override [train] batch_size (per process)")
-    t.add_argument("--packing", action="store_true", help="pack each step's examples into rows of max_length tokens ([train] packing)")
+    t.add_argument("--packing", action="store_true",
+                   help="pack each step's examples into rows of max_length tokens ([train] packing)")
     t.set_defaults(func=_cmd_train)
     e = sub.add_parser("eval", help="score adapters on their tasks' test splits vs other adapters and the base")
     e.add_argument("--adapters", default=None, help="adapters folder (default: the cached demo run's)")
@@ -170,7 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--dtype", default="auto", help="auto, bf16, fp16 or fp32 (auto: bf16/fp16 on GPU, fp32 on CPU)")
     m.add_argument("--base", default=None, help="base model folder or hub id (default: the embedded model)")
     m.add_argument("--overwrite", action="store_true", help="replace an existing merged model folder")
-    m.add_argument("--no-nf4-check", action="store_true", help="skip re-loading the merged model in NF4 for the greedy-text check")
+    m.add_argument("--no-nf4-check", action="store_true",
+                   help="skip re-loading the merged model in NF4 for the greedy-text check")
     m.set_defaults(func=_cmd_merge)
     v = sub.add_parser("serve", help="serve every adapter in a folder over HTTP (OpenAI-compatible)")
     v.add_argument("--adapters", required=True, help="adapters folder (PEFT layout)")
@@ -184,40 +309,11 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--batch-window-ms", type=float, default=5.0, help="how long the batched engine gathers requests")
     v.add_argument("--max-queue", type=int, default=256, help="queued requests before 503 + Retry-After")
     v.add_argument("--api-key", default=None, help="require this bearer key on every endpoint (or set MULTILORA_API_KEY)")
-    v.add_argument("--adapter-root", default=None, help="folder that /v1/load_lora_adapter may load from (default: --adapters)")
+    v.add_argument("--adapter-root", default=None,
+                   help="folder that /v1/load_lora_adapter may load from (default: --adapters)")
     _add_serving_args(v)
     v.set_defaults(func=_cmd_serve)
-    b = sub.add_parser("bench", help="benchmarks that print a table and write JSON")
-    b.add_argument("suite", choices=["serve", "train", "kernels", "tutorial", "model", "adapters"],
-                   help="serve: engines over HTTP; train: seed loop vs trainer; kernels: one NF4 layer four ways; "
-                        "tutorial: every chapter under nbdev_test --flags cuda, then demo and eval; "
-                        "model/adapters: random weights of real shapes")
-    b.add_argument("--adapters", default=None, help="serve: adapters folder (default: marker adapters whose answers have a fixed length)")
-    b.add_argument("--engines", default="locked,batched")
-    b.add_argument("--concurrency", default="1,4,8,16")
-    b.add_argument("--max-new-tokens", type=int, default=16)
-    b.add_argument("--prompt-tokens", type=int, default=None, help="serve: stretch prompts to about this many tokens")
-    b.add_argument("--requests", type=int, default=None, help="serve: requests per concurrency level (default: waves x concurrency)")
-    b.add_argument("--waves", type=int, default=2, help="serve: requests per client at each level, when --requests is not given")
-    b.add_argument("--base-only", action="store_true", help="serve: also run every engine with the base model alone")
-    b.add_argument("--locked-max-concurrency", type=int, default=16, help="serve: skip higher levels for the (slow) locked engine")
-    b.add_argument("--max-len", type=int, default=1024, help="serve: the fast engine's KV cache length")
-    b.add_argument("--dequantize", default="auto", help="serve: how the fast engine runs NF4 layers")
-    b.add_argument("--clients", default="process", choices=["process", "thread"],
-                   help="serve: run the load generator in its own process (default) or in a thread of the server's process")
-    b.add_argument("--steps", type=int, default=20, help="train: steps per loop")
-    b.add_argument("--batch-size", type=int, default=16, help="train: examples per step")
-    b.add_argument("--shape", default="tiny", help="model/kernels: llama-2-7b, llama-3.2-1b, smollm2-135m or tiny")
-    b.add_argument("--rows", default="1,16,64", help="kernels: batch sizes (rows) to time")
-    b.add_argument("--out", default=None, help="model/adapters: output folder")
-    b.add_argument("--tokenizer", default=None, help="model: tokenizer folder (default: the embedded model's)")
-    b.add_argument("--notebooks", default=None, help="tutorial: comma-separated chapters (default: every notebook in nbs/)")
-    b.add_argument("--no-demo", action="store_true", help="tutorial: run the chapters only, not multilora demo and eval")
-    b.add_argument("--eval-limit", type=int, default=None, help="tutorial: test examples per task for multilora eval (default: all)")
-    b.add_argument("--jobs", type=int, default=1, help="tutorial: chapters run side by side (default: 1, one after another)")
-    b.add_argument("--json", default=None, help="where to write the results (default: bench_<suite>.json)")
-    _add_serving_args(b)
-    b.set_defaults(func=_cmd_bench)
+    _bench_parser(sub)
     x = sub.add_parser("export", help="write adapters for another engine (vLLM) with a ready-to-run command")
     x.add_argument("--format", required=True, choices=["vllm"])
     x.add_argument("--adapters", required=True, help="adapters folder (PEFT layout)")

@@ -8,7 +8,8 @@ import json, os, re, shlex, shutil
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['VLLM_MAX_LORA_RANKS', 'VLLM_LLAMA_MODULES', 'compare_runs', 'check_vllm_adapter', 'vllm_max_lora_rank', 'export_vllm']
+__all__ = ['DDP_TRAIN', 'VLLM_MAX_LORA_RANKS', 'VLLM_LLAMA_MODULES', 'compare_runs', 'ddp_config', 'check_vllm_adapter',
+           'vllm_max_lora_rank', 'export_vllm']
 
 # %% ../nbs/08_scaling.ipynb #43a65f00
 from .model import _atomic_folder
@@ -35,6 +36,23 @@ def compare_runs(run_a: str | os.PathLike, run_b: str | os.PathLike) -> dict:
             num += float((da - db).pow(2).sum()); den += float(da.pow(2).sum())
         out[f"relative ΔW difference {n}"] = float(f"{(num / den) ** 0.5:.3g}") if den else float("nan")
     return out
+
+# %% ../nbs/08_scaling.ipynb #c08e86ef
+DDP_TRAIN = dict(max_steps=10, learning_rate=1e-4, max_length=512, group_by_length=True, checkpoint_every=20,
+                 progress=False, seed=0)
+
+def _toml(v) -> str:
+    "One TOML value: a bool, a number or a string."
+    if isinstance(v, bool): return "true" if v else "false"
+    return json.dumps(v) if isinstance(v, str) else repr(v)
+
+def ddp_config(model: str | os.PathLike, out: str | os.PathLike, **train) -> Path:
+    "Write the TOML config of a DDP comparison to `out`: `model`, both built-in tasks without dropout, `DDP_TRAIN` | `train`."
+    lines = [f"model = {_toml(str(model))}", "[train]", *(f"{k} = {_toml(v)}" for k, v in {**DDP_TRAIN, **train}.items())]
+    for t in ("summarization", "sql_generation"):
+        lines += ["[[tasks]]", f'preset = "{t}"', f'data = "builtin:{t}"', "lora_dropout = 0.0"]
+    Path(out).write_text("\n".join(lines) + "\n")
+    return Path(out)
 
 # %% ../nbs/08_scaling.ipynb #8951d921
 VLLM_MAX_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)      # accepted by every release (newer ones also take 1)

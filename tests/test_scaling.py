@@ -5,35 +5,13 @@ import pytest, torch
 from safetensors.torch import load_file
 os.environ.setdefault("MULTILORA_CACHE", "/tmp/mlcache")
 from multilora.bench import random_model
-from multilora.scaling import compare_runs
-
-CONFIG = """
-model = "{model}"
-[train]
-max_steps = 6
-learning_rate = 1e-3
-max_length = 192
-train_limit = 96
-group_by_length = true
-checkpoint_every = 3
-keep_checkpoints = 2
-progress = false
-seed = 0
-[[tasks]]
-preset = "summarization"
-data = "builtin:summarization"
-lora_dropout = 0.0
-[[tasks]]
-preset = "sql_generation"
-data = "builtin:sql_generation"
-lora_dropout = 0.0
-"""
+from multilora.scaling import compare_runs, ddp_config
 
 @pytest.fixture(scope="module")
 def config(tmp_path_factory):
-    f = tmp_path_factory.mktemp("cfg")/"tiny.toml"
-    f.write_text(CONFIG.format(model=random_model("tiny")))
-    return f
+    "The DDP comparison's config (the GPU run's, `multilora bench ddp`), sized for a CPU."
+    return ddp_config(random_model("tiny"), tmp_path_factory.mktemp("cfg")/"tiny.toml", max_steps=6, learning_rate=1e-3,
+                      max_length=192, train_limit=96, checkpoint_every=3, keep_checkpoints=2)
 
 def train(config, out, procs=1, *extra):
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs)] if procs > 1 else [sys.executable]
