@@ -464,12 +464,12 @@ def bench_serve(adapters: str | os.PathLike | None = None, engines: tuple[str, .
                     if verbose: print(f"{label:>12} c={c:<3} {rows[-1]['tokens_per_s']:9.2f} tok/s  "
                                       f"p95 {rows[-1]['p95_latency_s']:.2f}s", flush=True)
             results["engines"][label] = rows
-            if hasattr(eng, "fast"):
-                fast, cfg = eng.fast, results["config"]
-                cfg[f"{label} cuda_graphs"] = fast.cuda_graphs or fast.graph_error
-                cfg[f"{label} dequantize"] = fast.dequantize     # the path it ran, after any fallback
-                cfg[f"{label} timing"] = {**fast.timing, "decode_steps": fast.steps}
-                cfg[f"{label} trace"] = list(fast.trace)         # per step, for plots
+            if hasattr(eng, "stats"):                            # the fast engine: what its runner and scheduler did
+                stats, cfg = eng.stats(), results["config"]
+                cfg[f"{label} cuda_graphs"] = stats["cuda_graphs"]
+                cfg[f"{label} dequantize"] = stats["dequantize"]  # the path it ran, after any fallback
+                cfg[f"{label} timing"] = stats["timing"]
+                cfg[f"{label} trace"] = stats["trace"]            # per step, for plots
             _save(results, output)   # partial results survive a kill
             del eng
             if torch.cuda.is_available(): torch.cuda.empty_cache()
@@ -629,7 +629,7 @@ def bench_kernels(shape: str = "tiny", rows: tuple[int, ...] = (1, 16, 64), reps
     "Microseconds per NF4 layer at decode sizes, four ways (bitsandbytes, dequantize+mm, fused, 16-bit), and per step."
     import bitsandbytes as bnb
     import torch.nn.functional as F
-    from multilora.fast import _dequantize_nf4, nf4_dequantize
+    from multilora.nf4 import _dequantize_nf4, nf4_dequantize
     from multilora.model import pick_compute_dtype
     from multilora.kernels import _time
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -694,7 +694,8 @@ def bench_diag(base_model: str | os.PathLike, adapters: str | os.PathLike,
     import gc
     from multilora.adapters import load_adapters
     from multilora.engine import BASE
-    from multilora.fast import FastLoRA
+    from multilora.runner import FastLoRA
+    from multilora.scheduler import Scheduler
     cuda = torch.cuda.is_available()
     gb = lambda: round(torch.cuda.memory_allocated() / 2**30, 2) if cuda else None
     m, tok = load_base_model(str(base_model))
@@ -708,12 +709,13 @@ def bench_diag(base_model: str | os.PathLike, adapters: str | os.PathLike,
     for mode in modes:
         t0 = time.time()
         f = FastLoRA(model, max_batch_size=batch, max_len=max_len, dequantize=mode)
-        f.init_scheduler(tok)
+        sched = Scheduler(f, tok)
+        checks = getattr(f.frozen_path, "kernel_checks", None) or {}
         r = {"ran": f.dequantize, "build_s": round(time.time() - t0, 1), "memory_gb": gb(),
-             "kernel_checks": {k: float(v) for k, v in (getattr(f, "kernel_checks", None) or {}).items()}, "generate": []}
+             "kernel_checks": {k: float(v) for k, v in checks.items()}, "generate": []}
         for n, served in ((1, names), (batch, names), (batch, [BASE])):
             t0 = time.time()
-            f.generate_texts([prompts[i % len(prompts)] for i in range(n)], [served[i % len(served)] for i in range(n)],
+            sched.generate_texts([prompts[i % len(prompts)] for i in range(n)], [served[i % len(served)] for i in range(n)],
                              max_new_tokens=max_new_tokens, ignore_eos=True)
             _sync()
             dt = time.time() - t0
@@ -724,8 +726,8 @@ def bench_diag(base_model: str | os.PathLike, adapters: str | os.PathLike,
                                   "graph_checks": {str(k): float(v) for k, v in f.graph_checks.items()}})
         _diag_steps(f, ids, batch, reps, r)
         if cuda and f.dequantize in ("compiled", "fused", "dense"): _diag_eager(f, ids, batch, rows, r)
-        r["timing"] = {k: round(v, 3) for k, v in f.timing.items()}
-        r["decode_steps"] = f.steps
+        r["timing"] = {k: round(v, 3) for k, v in sched.timing.items()}
+        r["decode_steps"] = sched.steps
         r["peak_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 1) if cuda else None
         res["modes"][mode] = r
         del f
@@ -794,7 +796,7 @@ def bench_prefill(shape: str = "llama-2-7b", blocks: int = 4, modes: tuple[str, 
     "Prefill calls of growing size through the fast engine on `blocks` blocks of a model shape, scaled to the whole model."
     from torch.profiler import profile, ProfilerActivity
     from multilora.adapters import load_adapters
-    from multilora.fast import FastLoRA
+    from multilora.runner import FastLoRA
     work = Path(work_dir) if work_dir else cache_dir()/"random"
     path = random_model(shape, work/f"{shape}-{blocks}blocks", tokenizer=tokenizer, layers=blocks)
     m, _ = load_base_model(str(path))
@@ -938,7 +940,7 @@ def bench_kernel_variants(modes: tuple[int, ...] = (3, 5, 6, 7),
     if triton is None or not torch.cuda.is_available(): raise RuntimeError("the kernel variants need Triton and a CUDA GPU")
     import bitsandbytes as bnb
     import torch.nn.functional as F
-    from multilora.fast import nf4_dequantize
+    from multilora.nf4 import nf4_dequantize
     from multilora.kernels import NF4Matmul, _time
     torch.manual_seed(0)
     res = {"config": {"device": _device_name(), "modes": list(modes)}, "layers": []}
