@@ -163,7 +163,8 @@ def _cmd_bench(args):
 def _cmd_export(args):
     "Export adapters for vLLM: checked folders, `serve.sh` and `request.sh`."
     from multilora.scaling import export_vllm
-    out = export_vllm(args.adapters, args.out, base_model=args.base, port=args.port, overwrite=args.overwrite)
+    out = export_vllm(args.adapters, args.out, base_model=args.base, port=args.port, overwrite=args.overwrite,
+                      host=args.host)
     print(f"exported to {out}\n" + (out/"serve.sh").read_text() + (out/"request.sh").read_text())
 
 # %% ../nbs/09_cli.ipynb #e6944be2
@@ -320,6 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--out", required=True, help="output folder (must be empty unless --overwrite)")
     x.add_argument("--base", default=None, help="base model id or folder for the command (default: the adapters' own)")
     x.add_argument("--port", type=int, default=8000)
+    x.add_argument("--host", default="127.0.0.1", help="the address serve.sh binds vLLM to (default: loopback only)")
     x.add_argument("--overwrite", action="store_true")
     x.set_defaults(func=_cmd_export)
     return p

@@ -107,7 +107,7 @@ def vllm_max_lora_rank(ranks) -> int:
     raise ValueError(f"rank {top} exceeds vLLM's largest max_lora_rank {VLLM_MAX_LORA_RANKS[-1]}")
 
 def export_vllm(adapters: str | os.PathLike, out: str | os.PathLike, base_model: str | None = None, port: int = 8000,
-                overwrite: bool = False) -> Path:
+                overwrite: bool = False, host: str = "127.0.0.1") -> Path:
     "Write `adapters`' folders for vLLM into `out`, with `serve.sh` (the `vllm serve` command) and `request.sh` (an example)."
     adapters, out = Path(adapters), Path(out)
     names = sorted(p.name for p in adapters.iterdir() if (p/"adapter_config.json").exists()) if adapters.is_dir() else []
@@ -121,20 +121,24 @@ def export_vllm(adapters: str | os.PathLike, out: str | os.PathLike, base_model:
     bases = {c.get("base_model_name_or_path") for c in configs.values()} - {None}
     base = base_model or (bases.pop() if len(bases) == 1 else None)
     if base is None: raise ValueError(f"Cannot tell the base model from the adapters ({sorted(map(str, bases))}); pass base_model")
+    served = Path(str(base)).name                # the name `multilora serve` gives the base model
     def write(tmp: Path):
         for n in names:
             (tmp/n).mkdir()
             for f in ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"):
                 if (adapters/n/f).exists(): shutil.copy2(adapters/n/f, tmp/n/f)
         mods = " ".join(f"{n}={shlex.quote(str(out.resolve()/n))}" for n in names)
+        # like `multilora serve`: on loopback unless told otherwise, the base model under the same name
         (tmp/"serve.sh").write_text(f"#!/bin/sh\n# serves the base model and every adapter; select one with \"model\": \"<adapter>\"\n"
-                                    f"exec vllm serve {shlex.quote(str(base))} --port {port} --enable-lora --max-loras {len(names)} "
+                                    f"exec vllm serve {shlex.quote(str(base))} --host {shlex.quote(host)} --port {port} "
+                                    f"--served-model-name {shlex.quote(served)} --enable-lora --max-loras {len(names)} "
                                     f"--max-lora-rank {rank} --lora-modules {mods} \"$@\"\n")
         body = json.dumps({"model": names[0], "prompt": "Hello", "max_tokens": 32, "temperature": 0})
         (tmp/"request.sh").write_text(f"#!/bin/sh\ncurl -s http://localhost:{port}/v1/completions -H 'Content-Type: application/json' "
                                       f"-d {shlex.quote(body)}\n")
         for f in ("serve.sh", "request.sh"): (tmp/f).chmod(0o755)
-        (tmp/"vllm.json").write_text(json.dumps({"base_model": str(base), "adapters": names, "max_lora_rank": rank, "port": port}, indent=2))
+        (tmp/"vllm.json").write_text(json.dumps({"base_model": str(base), "served_model_name": served, "adapters": names,
+                                                "max_lora_rank": rank, "host": host, "port": port}, indent=2))
     if out.exists(): shutil.rmtree(out)
     _atomic_folder(out, write)
     return out
