@@ -129,18 +129,19 @@ def step(self: Scheduler) -> list[tuple[GenRequest, GenResult | BaseException]]:
     done, t0, tm, runner = [], time.perf_counter(), self.timing, self.runner
     if self._pending_since is not None: tm["between_s"] += t0 - self._pending_since
     new = self.schedule(done)
-    admitted = sum(len(ids) for _, ids in new)
+    admitted, prefill_s = sum(len(ids) for _, ids in new), 0.0
     if new:
+        t_prefill = time.perf_counter()
         logits = runner.prefill([ids for _, ids in new], [s.slot for s, _ in new], [s.adapter for s, _ in new])
         seqs = [s for s, _ in new]
         tokens = _next_tokens(logits, seqs)              # a host copy: the prefill has finished on the device
+        prefill_s = time.perf_counter() - t_prefill     # prompts into the cache, up to their first token
         tm["prefills"] += 1
         tm["prefill_tokens"] += admitted
         tm["prefill_rows"] += len(new)
         self.update(seqs, tokens, done)
-    rows, t1 = 0, time.perf_counter()
-    prefill_s = t1 - t0 if new else 0.0
     tm["prefill_s"] += prefill_s
+    rows, t1 = 0, time.perf_counter()
     if self.active:
         seqs = list(self.active.values())
         rows = len(seqs)
