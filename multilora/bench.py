@@ -467,7 +467,7 @@ def bench_serve(adapters: str | os.PathLike | None = None, engines: tuple[str, .
             if hasattr(eng, "stats"):                            # the fast engine: what its runner and scheduler did
                 stats, cfg = eng.stats(), results["config"]
                 cfg[f"{label} cuda_graphs"] = stats["cuda_graphs"]
-                cfg[f"{label} dequantize"] = stats["dequantize"]  # the path it ran, after any fallback
+                cfg[f"{label} frozen_weights"] = stats["frozen_weights"]  # the path it ran, after any fallback
                 cfg[f"{label} timing"] = stats["timing"]
                 cfg[f"{label} trace"] = stats["trace"]            # per step, for plots
             _save(results, output)   # partial results survive a kill
@@ -515,10 +515,10 @@ def format_bench(results: dict) -> str:
                 lines.append(f"concurrency {c:>2}: {e} adapter overhead = base-only/adapters tokens/s = "
                              f"{b['tokens_per_s'] / r['tokens_per_s']:.2f}x")
     for k, t in results["config"].items():
-        if k.endswith(" dequantize"):     # a fallback (say, a failed compile) changes every figure: say so beside them
-            asked = results["config"].get("engine_kw", {}).get(k.split(" ")[0].split("/")[0], {}).get("dequantize", "auto")
+        if k.endswith(" frozen_weights"):     # a fallback (say, a failed compile) changes every figure: say so beside them
+            asked = results["config"].get("engine_kw", {}).get(k.split(" ")[0].split("/")[0], {}).get("frozen_weights", "auto")
             fell = f" (asked for {asked!r}: it fell back)" if asked not in ("auto", t) else ""
-            lines.append(f"{k[:-11]} NF4 path: {t}{fell}")
+            lines.append(f"{k.removesuffix(' frozen_weights')} NF4 path: {t}{fell}")
         if k.endswith(" timing") and t["steps_s"]:
             host = t["steps_s"] - t["prefill_s"] - t["decode_s"]
             rate = "" if "prefill_tokens" not in t else \
@@ -708,10 +708,10 @@ def bench_diag(base_model: str | os.PathLike, adapters: str | os.PathLike,
                       "prompt_tokens": len(ids[0]), "model_gb": gb()}, "modes": {}}
     for mode in modes:
         t0 = time.time()
-        f = FastLoRA(model, max_batch_size=batch, max_len=max_len, dequantize=mode)
+        f = FastLoRA(model, max_batch_size=batch, max_len=max_len, frozen_weights=mode)
         sched = Scheduler(f, tok)
         checks = getattr(f.frozen_path, "kernel_checks", None) or {}
-        r = {"ran": f.dequantize, "build_s": round(time.time() - t0, 1), "memory_gb": gb(),
+        r = {"ran": f.frozen_weights, "build_s": round(time.time() - t0, 1), "memory_gb": gb(),
              "kernel_checks": {k: float(v) for k, v in checks.items()}, "generate": []}
         for n, served in ((1, names), (batch, names), (batch, [BASE])):
             t0 = time.time()
@@ -725,7 +725,7 @@ def bench_diag(base_model: str | os.PathLike, adapters: str | os.PathLike,
                                   "graph_error": None if f.graph_error is None else str(f.graph_error),
                                   "graph_checks": {str(k): float(v) for k, v in f.graph_checks.items()}})
         _diag_steps(f, ids, batch, reps, r)
-        if cuda and f.dequantize in ("compiled", "fused", "dense"): _diag_eager(f, ids, batch, rows, r)
+        if cuda and f.frozen_weights in ("compiled", "fused", "dense"): _diag_eager(f, ids, batch, rows, r)
         r["timing"] = {k: round(v, 3) for k, v in sched.timing.items()}
         r["decode_steps"] = sched.steps
         r["peak_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 1) if cuda else None
@@ -806,11 +806,11 @@ def bench_prefill(shape: str = "llama-2-7b", blocks: int = 4, modes: tuple[str, 
     res = {"config": {"shape": shape, "blocks": blocks, "prompt_len": prompt_len, "device": _device_name()},
            "prefill": [], "profiles": {}}
     for mode in modes:
-        f = FastLoRA(model, max_batch_size=max(64, max(batches) + 1), max_len=max(256, prompt_len + 1), dequantize=mode)
+        f = FastLoRA(model, max_batch_size=max(64, max(batches) + 1), max_len=max(256, prompt_len + 1), frozen_weights=mode)
         for n in batches:
             args = ([[5] * prompt_len] * n, list(range(n)), [b % 3 - 1 for b in range(n)])
             dt = _timed(lambda: f.prefill(*args), reps)
-            res["prefill"].append({"mode": f.dequantize, "prompts": n, "ms": round(dt * 1e3, 1),
+            res["prefill"].append({"mode": f.frozen_weights, "prompts": n, "ms": round(dt * 1e3, 1),
                                    "whole_model_ms": round(dt * 1e3 * scale), "tokens_per_s": round(n * prompt_len / dt)})
         with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
             f.prefill(*args)

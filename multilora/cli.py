@@ -94,7 +94,7 @@ def _cmd_serve(args):
     serve(args.adapters, engine=args.engine, host=args.host, port=args.port, max_batch_size=args.max_batch_size,
           batch_window_ms=args.batch_window_ms, max_queue=args.max_queue, api_key=args.api_key, base_model=args.base,
           adapter_root=args.adapter_root,
-          **({"max_len": args.max_len, "dequantize": args.dequantize} if args.engine == "fast" else {}))
+          **({"max_len": args.max_len, "frozen_weights": args.frozen_weights} if args.engine == "fast" else {}))
 
 # %% ../nbs/09_cli.ipynb #340aacbe
 def _ints(s: str) -> tuple[int, ...]: return tuple(int(x) for x in s.split(","))
@@ -119,7 +119,7 @@ def _bench_serve(a):
                 max_batch_size=a.max_batch_size, base_model=a.base, output=a.json, base_only=a.base_only,
                 prompt_tokens=a.prompt_tokens, requests_per_level=a.requests,
                 max_concurrency={"locked": a.locked_max_concurrency},
-                engine_kw={"fast": {"max_len": a.max_len, "dequantize": a.dequantize}}, clients=a.clients, waves=a.waves)
+                engine_kw={"fast": {"max_len": a.max_len, "frozen_weights": a.frozen_weights}}, clients=a.clients, waves=a.waves)
 
 # %% ../nbs/09_cli.ipynb #76c2f1f2
 def _bench_kernels(a):
@@ -214,7 +214,8 @@ def _bench_serving_suites(suites):
     s.add_argument("--base-only", action="store_true", help="also run every engine with the base model alone")
     s.add_argument("--locked-max-concurrency", type=int, default=16, help="skip higher levels for the (slow) locked engine")
     s.add_argument("--max-len", type=int, default=1024, help="the fast engine's KV cache length")
-    s.add_argument("--dequantize", default="auto", help="how the fast engine runs NF4 layers")
+    s.add_argument("--frozen-weights", "--dequantize", dest="frozen_weights", default="auto",
+                   help="how the fast engine runs the frozen NF4 layers: auto, bnb, torch, compiled, fused or dense")
     s.add_argument("--clients", default="process", choices=["process", "thread"],
                    help="run the load generator in its own process (default) or in a thread of the server's process")
     _add_serving_args(s)
@@ -224,7 +225,7 @@ def _bench_serving_suites(suites):
     s = _suite(suites, "diag", _bench_diag, "the fast engine's parts, per NF4 path")
     s.add_argument("--base", required=True, help="base model folder")
     s.add_argument("--adapters", required=True, help="adapters folder")
-    s.add_argument("--modes", default="compiled,torch,bnb", help="NF4 paths (the fast engine's dequantize)")
+    s.add_argument("--modes", default="compiled,torch,bnb", help="NF4 paths (the fast engine's frozen_weights)")
     s.add_argument("--batch", type=int, default=64)
     s.add_argument("--max-new-tokens", type=int, default=64)
     s.add_argument("--prompt-tokens", type=int, default=128)
@@ -232,7 +233,7 @@ def _bench_serving_suites(suites):
     s = _suite(suites, "prefill", _bench_prefill, "the fast engine's prefill on the first blocks of a model shape")
     s.add_argument("--shape", default="llama-2-7b")
     s.add_argument("--blocks", type=int, default=4)
-    s.add_argument("--modes", default="dense,compiled", help="NF4 paths (the fast engine's dequantize)")
+    s.add_argument("--modes", default="dense,compiled", help="NF4 paths (the fast engine's frozen_weights)")
     s.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the embedded model's)")
     s.add_argument("--work-dir", default=None, help="where the model slice goes (default: the cache)")
     s = _suite(suites, "kernel-variants", _bench_kernel_variants, "variants of the fused NF4 kernel (Triton, GPU)")
@@ -303,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--engine", default="batched", choices=["batched", "locked", "fast"],
                    help="batched (default), locked, or fast (continuous batching, CUDA graphs; Llama-family models)")
     v.add_argument("--max-len", type=int, default=1024, help="fast engine: longest prompt + completion, in tokens")
-    v.add_argument("--dequantize", default="auto",
+    v.add_argument("--frozen-weights", "--dequantize", dest="frozen_weights", default="auto",
                    help="fast engine: how NF4 layers run (auto, bnb, torch, compiled, fused, or dense: a 16-bit copy)")
     v.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     v.add_argument("--port", type=int, default=8000)

@@ -181,7 +181,7 @@ def fast_runner(model, tokenizer, max_len: int, max_batch_size: int = 64):
     # a 16-bit copy of the frozen weights is fastest; take it when it is small next to the free GPU memory
     small = on_gpu and 4 * model.get_memory_footprint() < 0.2 * torch.cuda.mem_get_info()[0]   # NF4 is ~4x smaller
     try: fast = FastLoRA(model, max_batch_size=max_batch_size, max_len=64 * math.ceil(max_len / 64),
-                         dequantize="dense" if small else "auto")
+                         frozen_weights="dense" if small else "auto")
     except NotImplementedError: return None
     return Scheduler(fast, tokenizer)
 

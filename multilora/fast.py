@@ -20,11 +20,11 @@ class FastEngine(Engine):
     "Continuous batching over `FastLoRA` (the runner) and its `Scheduler`: requests join between decode steps."
     kind = "fast"
     def __init__(self, model, tokenizer, max_batch_size: int = 32, max_len: int = 1024, cuda_graphs: bool | None = None,
-                 dequantize: str = "auto", capture: bool = True, burst_s: float = 0.05, **kw):
+                 frozen_weights: str = "auto", capture: bool = True, burst_s: float = 0.05, **kw):
         super().__init__(model, tokenizer, **kw)
         self.burst_s = burst_s                       # steps per hand-off to the model thread: at most this long
         self.runner = FastLoRA(model, max_batch_size=max_batch_size, max_len=max_len, cuda_graphs=cuda_graphs,
-                               dequantize=dequantize)
+                               frozen_weights=frozen_weights)
         self.scheduler = Scheduler(self.runner, tokenizer)
         if capture: self.runner.capture_graphs()     # at start-up, not in the first requests' time (no-op without graphs)
         self.futures: dict[str, asyncio.Future] = {}
@@ -56,7 +56,7 @@ class FastEngine(Engine):
     def stats(self) -> dict:
         "What the runner and scheduler did: the frozen-layer path and CUDA graphs in use, where the time went, a trace per step."
         r, s = self.runner, self.scheduler
-        return {"dequantize": r.dequantize, "cuda_graphs": r.cuda_graphs or r.graph_error,
+        return {"frozen_weights": r.frozen_weights, "cuda_graphs": r.cuda_graphs or r.graph_error,
                 "timing": {**s.timing, "decode_steps": s.steps}, "trace": list(s.trace)}
 
 # %% ../nbs/07e_fast_engine.ipynb #839b51d4

@@ -173,7 +173,7 @@ def auto_frozen_path(device: torch.device) -> str:
 def frozen_path(name: str, groups: list[dict[str, list]], modules, device, decode_rows: list[int]) -> FrozenPath:
     "The started frozen-layer path `name` (or `'auto'`), or the first of its fallbacks whose start-up check passes."
     if name != "auto" and name not in FROZEN_PATHS:
-        raise ValueError(f"dequantize must be one of {('auto', *FROZEN_PATHS)}, not {name!r}")
+        raise ValueError(f"frozen_weights must be one of {('auto', *FROZEN_PATHS)}, not {name!r}")
     modules = list(modules)
     tried = [auto_frozen_path(device) if name == "auto" else name]
     while True:

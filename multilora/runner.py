@@ -108,7 +108,7 @@ def _check_architecture(config, max_len: int):
 class FastLoRA:
     "A Llama-style decoder with every adapter stacked, a KV cache of fixed slots, and CUDA-graph decode steps."
     def __init__(self, model, max_batch_size: int = 32, max_len: int = 1024, cuda_graphs: bool | None = None,
-                 max_prefill_tokens: int = 8192, dequantize: str = "auto"):
+                 max_prefill_tokens: int = 8192, frozen_weights: str = "auto"):
         self.model = model
         self.base = model.get_base_model() if isinstance(model, PeftModel) else model
         for m in self.base.modules():                            # the bytes this engine reads must be bitsandbytes' NF4 layout
@@ -137,7 +137,7 @@ class FastLoRA:
         self.pos_buf = torch.zeros(max_batch_size, dtype=torch.long, device=self.device)
         # the frozen layers of each projection group; peft wraps but never replaces them, so they outlive adapter changes
         self.frozen = [{g: [base_linear(mods[p]) for p in ps] for g, ps in GROUPS.items()} for mods in map(_projections, self.layers)]
-        self.frozen_path = frozen_path(dequantize, self.frozen, self.base.modules(), self.device, self.batch_buckets)
+        self.frozen_path = frozen_path(frozen_weights, self.frozen, self.base.modules(), self.device, self.batch_buckets)
         self.refresh_adapters()
 
     @property
@@ -158,7 +158,7 @@ class FastLoRA:
 
 # %% ../nbs/07c_runner.ipynb #9f625761
 @patch(as_prop=True)
-def dequantize(self: FastLoRA) -> str:
+def frozen_weights(self: FastLoRA) -> str:
     "The frozen-layer path the engine runs, after any fallback (see `multilora.nf4`)."
     return self.frozen_path.name
 

@@ -41,17 +41,17 @@ def peft_alone(model, ids, name):
             with model.disable_adapter(): return model(input_ids=torch.tensor([ids])).logits[0, -1]
         model.set_adapter(name); return model(input_ids=torch.tensor([ids])).logits[0, -1]
 
-@pytest.mark.parametrize("dequantize", ["bnb", "torch", "dense"])
-def test_mixed_batch_matches_peft(family, dequantize):
+@pytest.mark.parametrize("frozen_weights", ["bnb", "torch", "dense"])
+def test_mixed_batch_matches_peft(family, frozen_weights):
     kind, model, tok = family
     ids = [tok(p)["input_ids"] for p in PROMPTS]
     names = ["small", "large", None]
-    fast = FastLoRA(model, max_batch_size=4, max_len=128, dequantize=dequantize)
-    assert fast.dequantize == dequantize
+    fast = FastLoRA(model, max_batch_size=4, max_len=128, frozen_weights=frozen_weights)
+    assert fast.frozen_weights == frozen_weights
     adapters = [fast.names.index(n) if n else -1 for n in names]
     got = fast.prefill(ids, [0, 1, 2], adapters)
     want = torch.stack([peft_alone(model, i, n) for i, n in zip(ids, names)])
-    assert (got - want).abs().max() < 1e-3 * want.abs().max(), f"{kind}/{dequantize}: {(got - want).abs().max():.3g}"
+    assert (got - want).abs().max() < 1e-3 * want.abs().max(), f"{kind}/{frozen_weights}: {(got - want).abs().max():.3g}"
     # a decode step from a cache filled by all but the last token gives the same logits
     fast.prefill([i[:-1] for i in ids], [0, 1, 2], adapters)
     step = fast.decode({s: ids[s][-1] for s in range(3)}, {s: len(ids[s]) - 1 for s in range(3)}, dict(enumerate(adapters)))
@@ -59,7 +59,7 @@ def test_mixed_batch_matches_peft(family, dequantize):
 
 def test_biases_are_in_the_model_and_in_the_stacks(family):
     kind, model, tok = family
-    fast = FastLoRA(model, max_batch_size=2, max_len=64, dequantize="dense")
+    fast = FastLoRA(model, max_batch_size=2, max_len=64, frozen_weights="dense")
     frozen_bias = fast.frozen_path.grouped[(0, "qkv")][1]
     assert (frozen_bias is not None) == (kind == "qwen2")                 # Qwen2's q/k/v biases, in the group's one matrix
     assert all(st["qkv"].bias is not None and st["down"].bias is not None for st in fast.stacks)   # "large"'s LoRA biases
