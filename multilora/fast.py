@@ -26,7 +26,7 @@ class FastEngine(Engine):
         self.runner = FastLoRA(model, max_batch_size=max_batch_size, max_len=max_len, cuda_graphs=cuda_graphs,
                                frozen_weights=frozen_weights)
         self.scheduler = Scheduler(self.runner, tokenizer)
-        if capture: self.runner.capture_graphs()     # at start-up, not in the first requests' time (no-op without graphs)
+        if capture: self.runner.capture_graphs()     # at start-up, not in the first requests' time (no-op if off)
         self.futures: dict[str, asyncio.Future] = {}
         self.task: asyncio.Task | None = None
         self.wake: asyncio.Event | None = None
@@ -54,7 +54,7 @@ class FastEngine(Engine):
     def _dequeue(self, req: GenRequest): self.futures.pop(req.id, None)
 
     def stats(self) -> dict:
-        "What the runner and scheduler did: the frozen-layer path and CUDA graphs in use, where the time went, a trace per step."
+        "What the runner and scheduler did: the frozen-layer path and CUDA graphs used, where the time went, a step trace."
         r, s = self.runner, self.scheduler
         return {"frozen_weights": r.frozen_weights, "cuda_graphs": r.cuda_graphs or r.graph_error,
                 "timing": {**s.timing, "decode_steps": s.steps}, "trace": list(s.trace)}
@@ -71,7 +71,7 @@ def _step_safely(self: FastEngine) -> list:
 
 @patch
 def _steps(self: FastEngine, loop: asyncio.AbstractEventLoop):
-    "Steps on the model thread, back to back for up to `burst_s` while there is work; results go to the event loop per step."
+    "Steps on the model thread, back to back for up to `burst_s` while there is work; results reach the loop per step."
     end = time.perf_counter() + self.burst_s
     while True:
         done = self._step_safely()

@@ -25,7 +25,7 @@ def base_linear(module: torch.nn.Module) -> torch.nn.Module:
     return module.get_base_layer() if isinstance(module, LoraLayer) else module
 
 class AdapterRows:
-    "The adapter of each row of a batch (one-hot, `[B, n_adapters]`), with each stacked-column mask built once per forward pass."
+    "The adapter of each row of a batch (one-hot, `[B, n_adapters]`); each stacked-column mask is built once per pass."
     def __init__(self, onehot: torch.Tensor): self.onehot, self._masks = onehot, {}
     def mask(self, cols: torch.Tensor) -> torch.Tensor:
         "The `[B, 1, ΣR]` 0/1 mask over stacked columns `cols` (column -> adapter index) for these rows."
@@ -34,7 +34,7 @@ class AdapterRows:
         return m
 
 class StackedLoRA:
-    "Every adapter of a linear layer, or of layers that share one input, as two matrices: a mixed batch costs two matmuls."
+    "Every adapter of a linear layer, or of layers sharing one input, as two matrices: a mixed batch is two matmuls."
     def __init__(self, layers, names: list[str], dtype: torch.dtype, device, shared: dict | None = None):
         layers = list(layers) if isinstance(layers, (list, tuple)) else [layers]
         self.outs = [base_linear(l).out_features for l in layers]
@@ -43,21 +43,23 @@ class StackedLoRA:
             for j, n in enumerate(names):
                 if not (isinstance(layer, LoraLayer) and n in layer.lora_A): continue
                 if getattr(layer, "lora_variant", {}).get(n) is not None or layer.use_dora.get(n, False):
-                    raise NotImplementedError(f"Adapter {n!r} uses DoRA or another LoRA variant, which the fast engine does not "
-                                              "implement; serve it with engine='batched'")
+                    raise NotImplementedError(f"Adapter {n!r} uses DoRA or another LoRA variant, which the fast engine "
+                                              "does not implement; serve it with engine='batched'")
                 a, b, s = layer.lora_A[n].weight, layer.lora_B[n].weight, layer.scaling[n]
                 As.append(a.detach().t().float())
                 cols += [j] * a.shape[0]
-                Bs.append(F.pad(b.detach().t().float() * s, (off, total - off - out)))   # this layer's columns of the output
+                # this layer's columns of the output
+                Bs.append(F.pad(b.detach().t().float() * s, (off, total - off - out)))
                 if layer.lora_B[n].bias is not None:
                     if bias is None: bias = torch.zeros(len(names), total)
                     bias[j, off:off + out] = layer.lora_B[n].bias.detach().float().cpu() * s
             off += out
         self.rank = len(cols)
         self.A = torch.cat(As, 1).to(device, dtype) if As else None        # [in, ΣR]
-        self.B = torch.cat(Bs, 0).to(device, dtype) if Bs else None        # [ΣR, Σout], block-diagonal over the layers
+        self.B = torch.cat(Bs, 0).to(device, dtype) if Bs else None        # [ΣR, Σout], block-diagonal by layer
         self.cols = torch.tensor(cols, dtype=torch.long, device=device)    # column -> adapter index
-        if shared is not None: self.cols = shared.setdefault(tuple(cols), self.cols)   # equal maps share one mask per pass
+        if shared is not None:                                              # equal maps share one mask per pass
+            self.cols = shared.setdefault(tuple(cols), self.cols)
         self.bias = bias.to(device, dtype) if bias is not None else None   # [n_adapters, Σout]
 
     def __call__(self, x: torch.Tensor, onehot: torch.Tensor | AdapterRows) -> torch.Tensor | None:
@@ -74,7 +76,8 @@ class StackedLoRA:
         "`y` (the frozen layers' output for `x`) plus the LoRA term, as one multiply-add into `y` where it can."
         if self.A is not None:
             t = (x @ self.A) * rows.mask(self.cols)
-            if y.dtype == self.B.dtype and y.is_contiguous(): y.view(-1, y.shape[-1]).addmm_(t.view(-1, self.rank), self.B)
+            if y.dtype == self.B.dtype and y.is_contiguous():
+                y.view(-1, y.shape[-1]).addmm_(t.view(-1, self.rank), self.B)
             else: y = y + (t @ self.B).to(y.dtype)
         if self.bias is not None: y = y + (rows.onehot @ self.bias).unsqueeze(1).to(y.dtype)
         return y
@@ -82,11 +85,13 @@ class StackedLoRA:
 # %% ../nbs/07c_runner.ipynb #a35dca28
 SUPPORTED_MODELS = ("llama", "mistral", "qwen2")
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-GROUPS = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "gate_up": ("gate_proj", "up_proj"), "down": ("down_proj",)}
+GROUPS = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",),
+          "gate_up": ("gate_proj", "up_proj"), "down": ("down_proj",)}
 
 def _projections(layer) -> dict[str, torch.nn.Module]:
     "A decoder layer's seven projections by name (peft's wrappers where an adapter targets one)."
-    return {**{p: getattr(layer.self_attn, p) for p in PROJECTIONS[:4]}, **{p: getattr(layer.mlp, p) for p in PROJECTIONS[4:]}}
+    return {**{p: getattr(layer.self_attn, p) for p in PROJECTIONS[:4]},
+            **{p: getattr(layer.mlp, p) for p in PROJECTIONS[4:]}}
 
 def _buckets(limit: int, first: int) -> list[int]:
     "1, 2, 4, ... (from `first`) up to `limit`, which is always included."
@@ -98,11 +103,12 @@ def _buckets(limit: int, first: int) -> list[int]:
 
 def _check_architecture(config, max_len: int):
     if config.model_type not in SUPPORTED_MODELS:
-        raise NotImplementedError(f"The fast engine supports {', '.join(SUPPORTED_MODELS)} decoders, not {config.model_type!r}; "
-                                  "use engine='batched'")
+        raise NotImplementedError(f"The fast engine supports {', '.join(SUPPORTED_MODELS)} decoders, "
+                                  f"not {config.model_type!r}; use engine='batched'")
     window = getattr(config, "sliding_window", None)
     if window is not None and getattr(config, "use_sliding_window", True) and window < max_len:
-        raise NotImplementedError(f"max_len={max_len} exceeds the model's sliding window {window}; lower max_len or use engine='batched'")
+        raise NotImplementedError(f"max_len={max_len} exceeds the model's sliding window {window}; "
+                                  "lower max_len or use engine='batched'")
 
 # %% ../nbs/07c_runner.ipynb #feba82e7
 class FastLoRA:
@@ -111,13 +117,15 @@ class FastLoRA:
                  max_prefill_tokens: int = 8192, frozen_weights: str = "auto"):
         self.model = model
         self.base = model.get_base_model() if isinstance(model, PeftModel) else model
-        for m in self.base.modules():                            # the bytes this engine reads must be bitsandbytes' NF4 layout
+        for m in self.base.modules():          # the bytes this engine reads must be in bitsandbytes' NF4 layout
             if is_nf4(m): standard_nf4_layout(m)
         cfg = self.base.config
         _check_architecture(cfg, max_len)
         inner = self.base.model
-        self.embed, self.norm, self.rotary, self.layers = inner.embed_tokens, inner.norm, inner.rotary_emb, list(inner.layers)
-        if isinstance(self.embed, LoraLayer): raise NotImplementedError("LoRA on embed_tokens is not supported by the fast engine")
+        self.embed, self.norm, self.rotary = inner.embed_tokens, inner.norm, inner.rotary_emb
+        self.layers = list(inner.layers)
+        if isinstance(self.embed, LoraLayer):
+            raise NotImplementedError("LoRA on embed_tokens is not supported by the fast engine")
         self.lm_head = self.base.lm_head
         self.n_heads, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -130,14 +138,17 @@ class FastLoRA:
         self.k_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
         self.v_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
-        if self.cuda_graphs and self.device.type != "cuda": raise ValueError("cuda_graphs=True needs the model on a GPU")
+        if self.cuda_graphs and self.device.type != "cuda":
+            raise ValueError("cuda_graphs=True needs the model on a GPU")
         self.graphs, self.pool, self.graph_error, self.graph_checks = {}, None, None, {}
         # the decode step's inputs live in fixed buffers, so captured graphs can read them
         self.ids_buf = torch.zeros(max_batch_size, dtype=torch.long, device=self.device)
         self.pos_buf = torch.zeros(max_batch_size, dtype=torch.long, device=self.device)
-        # the frozen layers of each projection group; peft wraps but never replaces them, so they outlive adapter changes
-        self.frozen = [{g: [base_linear(mods[p]) for p in ps] for g, ps in GROUPS.items()} for mods in map(_projections, self.layers)]
-        self.frozen_path = frozen_path(frozen_weights, self.frozen, self.base.modules(), self.device, self.batch_buckets)
+        # the frozen layers of each projection group; peft wraps but never replaces them: they outlive adapter changes
+        self.frozen = [{g: [base_linear(mods[p]) for p in ps] for g, ps in GROUPS.items()}
+                       for mods in map(_projections, self.layers)]
+        self.frozen_path = frozen_path(frozen_weights, self.frozen, self.base.modules(), self.device,
+                                       self.batch_buckets)
         self.refresh_adapters()
 
     @property
@@ -153,7 +164,8 @@ class FastLoRA:
             self.stacks.append({g: StackedLoRA([mods[p] for p in ps], self.names, self.dtype, self.device, shared)
                                 for g, ps in GROUPS.items()})
         self.head_stack = StackedLoRA(self.lm_head, self.names, self.dtype, self.device, shared)
-        self.onehot_buf = torch.zeros(self.max_batch_size, max(1, len(self.names)), dtype=self.dtype, device=self.device)
+        self.onehot_buf = torch.zeros(self.max_batch_size, max(1, len(self.names)), dtype=self.dtype,
+                                      device=self.device)
         self.graphs.clear()
 
 # %% ../nbs/07c_runner.ipynb #9f625761
@@ -170,7 +182,7 @@ def _frozen(self: FastLoRA, module, x: torch.Tensor) -> torch.Tensor:
 # %% ../nbs/07c_runner.ipynb #09abaefd
 @patch
 def _group(self: FastLoRA, i: int, g: str, x: torch.Tensor, rows: AdapterRows) -> torch.Tensor:
-    "Projection group `g` of layer `i` on its input `x`: the frozen layers' outputs side by side, plus every row's adapter term."
+    "Projection group `g` of layer `i` on `x`: the frozen layers' outputs side by side, plus each row's adapter term."
     y = self.frozen_path.apply_group((i, g), self.frozen[i][g], x)
     return self.stacks[i][g].add_to(y, x, rows)
 
@@ -180,18 +192,18 @@ def _norm(norm: torch.nn.Module, h: torch.Tensor) -> torch.Tensor:
 
 @patch
 def _rope(self: FastLoRA, h: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    "cos and sin for positions `pos` ([B, T]), shaped `[B, T, 1, head_dim]`; sin's first half negated, as `_rotate` needs."
+    "cos and sin at positions `pos` ([B, T]), shaped `[B, T, 1, head_dim]`; sin's first half negated for `_rotate`."
     cos, sin = self.rotary(h, pos)
     half = sin.shape[-1] // 2
     return cos.unsqueeze(2), torch.cat([-sin[..., :half], sin[..., half:]], -1).unsqueeze(2)
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    "Rotary embedding of `x` ([B, T, heads, head_dim]): x·cos + rotate_half(x)·sin, where rotate_half is a roll and its sign is in `sin`."
+    "Rotary embedding of `x` ([B, T, heads, head_dim]): x·cos + rotate_half(x)·sin (a roll, its sign in `sin`)."
     return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), sin)
 
 @patch
 def _layer(self: FastLoRA, i: int, h: torch.Tensor, rope, rows: AdapterRows, attend) -> torch.Tensor:
-    "One decoder layer; `attend(i, q, k, v)` (each `[B, T, heads, head_dim]`) stores k/v in the cache and returns `[B, T, H·D]`."
+    "One decoder layer; `attend(i, q, k, v)` (each `[B, T, heads, head_dim]`) caches k/v and returns `[B, T, H·D]`."
     layer, (B, T, _), H, KV, D = self.layers[i], h.shape, self.n_heads, self.n_kv, self.head_dim
     qkv = self._group(i, "qkv", _norm(layer.input_layernorm, h), rows)
     qk = _rotate(qkv[..., :(H + KV) * D].view(B, T, H + KV, D), *rope)      # q's and k's heads in one rotation
@@ -246,7 +258,8 @@ def _decode(self: FastLoRA, B: int, L: int) -> torch.Tensor:
     ids, pos, rows = self.ids_buf[:B], self.pos_buf[:B], AdapterRows(self.onehot_buf[:B])
     slot = torch.arange(B, device=self.device)
     seen = torch.arange(L, device=self.device)[None, :] <= pos[:, None]
-    mask = torch.zeros(B, 1, 1, L, dtype=self.dtype, device=self.device).masked_fill_(~seen[:, None, None], float("-inf"))
+    mask = torch.zeros(B, 1, 1, L, dtype=self.dtype, device=self.device)
+    mask.masked_fill_(~seen[:, None, None], float("-inf"))
     h = self.embed(ids[:, None])
     rope = self._rope(h, pos[:, None])
     G = self.n_heads // self.n_kv
@@ -268,7 +281,7 @@ def _bucket(sizes: list[int], n: int) -> int: return next(s for s in sizes if s 
 @patch
 @torch.no_grad()
 def decode(self: FastLoRA, tokens: dict[int, int], positions: dict[int, int], adapters: dict[int, int]) -> torch.Tensor:
-    "One decode step for the active slots `{slot: token}` at `{slot: position}` with `{slot: adapter index}`; logits, row = slot."
+    "One decode step for the active slots `{slot: token}` at `{slot: position}` with `{slot: adapter}`; logits by slot."
     B = _bucket(self.batch_buckets, max(tokens) + 1)
     L = _bucket(self.len_buckets, max(positions.values()) + 1)
     ids, pos = torch.zeros(B, dtype=torch.long), torch.zeros(B, dtype=torch.long)
@@ -316,7 +329,7 @@ def _run_graph(self: FastLoRA, B: int, L: int) -> torch.Tensor:
 
 @patch
 def capture_graphs(self: FastLoRA) -> int:
-    "Capture (and verify) every (batch, length) bucket's decode graph, as vLLM does at start-up (before any request: it writes cache slots)."
+    "Capture (and verify) each (batch, length) bucket's decode graph at start-up, as vLLM does (it writes cache slots)."
     if not self.cuda_graphs: return 0
     self.ids_buf.zero_()
     self.pos_buf.zero_()

@@ -44,7 +44,7 @@ def sample_next(logits: torch.Tensor, req: GenRequest, generator: torch.Generato
 
 # %% ../nbs/07d_scheduler.ipynb #57a534ff
 class Scheduler:
-    "Continuous batching over a model runner: requests wait, join free cache slots between decode steps, and leave when done."
+    "Continuous batching over a model runner: requests join free cache slots between decode steps and leave when done."
     def __init__(self, runner, tokenizer):
         self.runner, self.tokenizer = runner, tokenizer
         self.stop_ids = stop_token_ids(runner.model)       # what every engine stops on (see `align_stop_tokens`)
@@ -52,8 +52,9 @@ class Scheduler:
         self.active: dict[int, Sequence] = {}
         self.lock = threading.Lock()                 # guards `waiting` (requests arrive from the event loop's thread)
         self.steps, self.decode_rows = 0, 0
-        self.timing = {"steps_s": 0.0, "prefill_s": 0.0, "decode_s": 0.0, "prefills": 0,   # where the scheduler's time goes
-                       "prefill_rows": 0, "prefill_tokens": 0, "between_s": 0.0}      # between: work waiting, no step running
+        # where the scheduler's time goes; between: work waiting and no step running
+        self.timing = {"steps_s": 0.0, "prefill_s": 0.0, "decode_s": 0.0, "prefills": 0,
+                       "prefill_rows": 0, "prefill_tokens": 0, "between_s": 0.0}
         self.trace: deque[tuple] = deque(maxlen=100_000)                             # one line per step (see `step`)
         self._pending_since = None
 
@@ -66,7 +67,8 @@ class Scheduler:
         ids = self.tokenizer(req.prompt)["input_ids"]
         n, limit = len(ids), self.runner.max_len
         if n + req.max_new_tokens > limit:
-            raise BadRequest(f"prompt ({n} tokens) + max tokens ({req.max_new_tokens}) exceeds the engine's max_len={limit}")
+            raise BadRequest(f"prompt ({n} tokens) + max tokens ({req.max_new_tokens}) "
+                             f"exceeds the engine's max_len={limit}")
         if req.adapter != BASE and req.adapter not in self.runner.names:
             raise UnknownAdapter(f"Unknown adapter {req.adapter!r}")
         return ids
@@ -76,9 +78,10 @@ class Scheduler:
 
 # %% ../nbs/07d_scheduler.ipynb #1faa8708
 def _next_tokens(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
-    "Row i's next token for `seqs[i]`: one argmax and one device-to-host copy for all greedy rows, `sample_next` for the rest."
+    "Row i's next token for `seqs[i]`: one argmax and one copy to the host for the greedy rows, `sample_next` for the rest."
     greedy = logits.argmax(-1).tolist()
-    return [g if s.req.temperature == 0 else sample_next(logits[i], s.req, s.generator) for i, (g, s) in enumerate(zip(greedy, seqs))]
+    return [g if s.req.temperature == 0 else sample_next(logits[i], s.req, s.generator)
+            for i, (g, s) in enumerate(zip(greedy, seqs))]
 
 def _result(seq: Sequence) -> GenResult:
     t = seq.tracker
@@ -88,7 +91,7 @@ def _result(seq: Sequence) -> GenResult:
 
 @patch
 def schedule(self: Scheduler, done: list) -> list[tuple[Sequence, list[int]]]:
-    "Move waiting requests into free slots (lowest first), within the prefill budget; the admitted, with their prompts' ids."
+    "Move waiting requests into free slots (lowest first) within the prefill budget; the admitted, with their prompt ids."
     free = sorted(set(range(self.runner.max_batch_size)) - set(self.active))
     new, budget = [], self.runner.max_prefill_tokens
     with self.lock:
@@ -109,8 +112,9 @@ def schedule(self: Scheduler, done: list) -> list[tuple[Sequence, list[int]]]:
             gen = None
             if req.temperature > 0 and req.seed is not None: gen = torch.Generator("cpu").manual_seed(req.seed)
             adapter = -1 if req.adapter == BASE else self.runner.names.index(req.adapter)
-            new.append((Sequence(req, free.pop(0), adapter, n, n, RowTracker([req], self.tokenizer, n, self.stop_ids), gen), ids))
-    for seq, _ in new: self.active[seq.slot] = seq                     # before prefill: if it raises, these fail with it
+            tracker = RowTracker([req], self.tokenizer, n, self.stop_ids)
+            new.append((Sequence(req, free.pop(0), adapter, n, n, tracker, gen), ids))
+    for seq, _ in new: self.active[seq.slot] = seq       # before prefill: if it raises, these fail with it
     return new
 
 @patch
