@@ -216,6 +216,8 @@ class BnbGemm:
         if self.in_features % qs.blocksize:
             raise ValueError(f"BnbGemm needs rows of whole blocks: in_features={self.in_features}, "
                              f"blocksize={qs.blocksize}")
+        if w.data.data_ptr() % 16:                               # the kernels load 16 bytes at a time
+            raise ValueError("the fused GEMM needs the packed weight aligned to 16 bytes")
         if qs.nested and qs.state2.blocksize != 256:
             raise ValueError(f"the fused GEMM reads double quantization in blocks of 256, not {qs.state2.blocksize}")
         self.dtype, self.layer = layer.compute_dtype or qs.dtype, layer
@@ -234,6 +236,7 @@ class BnbGemm:
     def __call__(self, x: torch.Tensor, chunk: int = CHUNK_ROWS) -> torch.Tensor:
         "The layer on `x` ([..., in_features]), in the layer's compute dtype, at most `chunk` rows per kernel call."
         x2 = x.reshape(-1, self.in_features).to(self.dtype)
+        if x2.data_ptr() % 16: x2 = x2.clone()                  # the kernels load rows 16 bytes at a time
         ys = [self.gemm(x2[i:i + chunk], **self.kwargs) for i in range(0, x2.shape[0], chunk)]
         return (ys[0] if len(ys) == 1 else torch.cat(ys)).view(*x.shape[:-1], self.out_features)
 
