@@ -624,65 +624,125 @@ def _layer_shapes(shape: str) -> dict[str, tuple[int, int, int]]:
     return groups
 
 # %% ../nbs/10_benchmarks.ipynb #1a3e467c
+def _graph_time(calls: list[Callable], reps: int) -> float:
+    "Median GPU seconds per call of `calls` replayed as one CUDA graph (as decode steps run); raises if it is wrong."
+    from multilora.kernels import _relative_error, _time
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side): want = [fn() for fn in calls]        # warm-up outside the capture: compile, allocate
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g): got = [fn() for fn in calls]
+    g.replay()
+    worst = max(_relative_error(o, w) for o, w in zip(got, want))
+    if not worst <= 1e-2:
+        raise RuntimeError(f"the graph's replay differs from the eager calls (relative error {worst:.3g})")
+    return _time(g.replay, reps) / len(calls)
+
 def bench_kernels(shape: str = "tiny", rows: tuple[int, ...] = (1, 16, 64), reps: int = 20,
-                  output: str | os.PathLike | None = "bench_kernels.json", verbose: bool = True) -> dict:
-    "Microseconds per NF4 layer at decode sizes, four ways (bitsandbytes, dequantize+mm, fused, 16-bit), and per step."
+                  chunks: tuple[int, ...] = (64, 32), output: str | os.PathLike | None = "bench_kernels.json",
+                  verbose: bool = True) -> dict:
+    "Microseconds per NF4 layer at decode sizes, each way the engine can run it, and per decode step."
+    import copy
     import bitsandbytes as bnb
     import torch.nn.functional as F
     from multilora.nf4 import _dequantize_nf4, nf4_dequantize
     from multilora.model import pick_compute_dtype
-    from multilora.kernels import _time
+    from multilora.kernels import _relative_error, _time
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = pick_compute_dtype(device)
     timer = lambda fn: _time(fn, reps, cuda=device == "cuda")
     dense = torch.compile(_dequantize_nf4, dynamic=False) if device == "cuda" else _dequantize_nf4
+    paths = {"bnb": {"path": "bnb"}, "dequantize_mm": {"path": "compiled" if device == "cuda" else "torch"},
+             "fused": {"path": "fused"}, **{f"bnb_gemm_{c}": {"path": "bnb_gemm", "chunk": c} for c in chunks},
+             "16bit": {"path": "dense"}}                # each column: the engine's frozen_weights, its rows per call
+    l2 = torch.cuda.get_device_properties(device).L2_cache_size if device == "cuda" else 0
     res = {"config": {"shape": shape, "rows": list(rows), "reps": reps, "dtype": str(dtype).replace("torch.", ""),
-                      "device": _device_name()},
-           "layers": [], "per_step_ms": {}}
+                      "device": _device_name(), "chunks": list(chunks), "paths": paths, "l2_bytes": l2,
+                      "bnb_gemm_error": None},
+           "layers": [], "per_step_ms": {}, "per_step_graph_ms": {}, "graph_errors": {}}
     torch.manual_seed(0)
     for group, (out_f, in_f, count) in _layer_shapes(shape).items():
         lin = bnb.nn.Linear4bit(in_f, out_f, bias=False, compute_dtype=dtype, quant_type="nf4", compress_statistics=True)
         lin.weight = bnb.nn.Params4bit(torch.randn(out_f, in_f, dtype=dtype) * 0.02, requires_grad=False,
                                        quant_type="nf4", compress_statistics=True)
         lin = lin.to(device)
-        w16 = nf4_dequantize(lin.weight).to(dtype)
-        fused = None
+        # on a GPU, copies of the layer (4x the L2 cache in NF4 bytes), so that a graph reads memory as a step does
+        copies = min(64, max(1, math.ceil(4 * l2 / (out_f * in_f / 2))))
+        layers = [lin] + [copy.deepcopy(lin) for _ in range(copies - 1)]
+        w16 = [nf4_dequantize(l.weight).to(dtype) for l in layers]
+        fused, gemm = [], []
         if device == "cuda":
-            from multilora.kernels import NF4Matmul, tune
-            fused = NF4Matmul(lin)
+            from multilora.kernels import BnbGemm, NF4Matmul, tune
+            fused = [NF4Matmul(l) for l in layers]
+            try: gemm = [BnbGemm(l) for l in layers]
+            except (RuntimeError, ValueError) as e: res["config"]["bnb_gemm_error"] = f"{type(e).__name__}: {e}"
+        calls = {"bnb": lambda i, x: layers[i](x),                   # column: copy i of the layer on x
+                 "dequantize_mm": lambda i, x: F.linear(x, nf4_dequantize(layers[i].weight, dense).to(dtype)),
+                 "fused": lambda i, x: fused[i](x),
+                 **{f"bnb_gemm_{c}": (lambda i, x, c=c: gemm[i](x, c)) for c in chunks},
+                 "16bit": lambda i, x: F.linear(x, w16[i])}
+        ran = {k for k in calls if not ((k == "fused" and not fused) or (k.startswith("bnb_gemm") and not gemm))}
         for n in rows:
             x = torch.randn(n, in_f, device=device, dtype=dtype)
+            row = {"layer": group, "out": out_f, "in": in_f, "per_block": count, "rows": n, "copies": copies,
+                   "fused_config": None, "bnb_gemm_error": None}
             with torch.no_grad():
-                row = {"layer": group, "out": out_f, "in": in_f, "per_block": count, "rows": n,
-                       "bnb_us": timer(lambda: lin(x)) * 1e6,
-                       "dequantize_mm_us": timer(lambda: F.linear(x, nf4_dequantize(lin.weight, dense).to(dtype))) * 1e6,
-                       "fused_us": None, "fused_config": None, "16bit_us": timer(lambda: F.linear(x, w16)) * 1e6}
-                if fused is not None:
-                    tune(fused, n)
-                    row["fused_us"] = timer(lambda: fused(x)) * 1e6
+                if fused:
+                    tune(fused[0], n)
                     from multilora.kernels import _BEST
-                    row["fused_config"] = str(_BEST[fused.key(n, dtype)])
+                    row["fused_config"] = str(_BEST[fused[0].key(n, dtype)])
+                if gemm:                                              # against bitsandbytes' own dequantize-then-matmul
+                    w = bnb.functional.dequantize_4bit(lin.weight.data, lin.weight.quant_state)
+                    want = F.linear(x, w.to(dtype))
+                    row["bnb_gemm_error"] = max(_relative_error(gemm[0](x, c), want) for c in chunks)
+                for k, fn in calls.items():
+                    row[f"{k}_us"] = timer(lambda: fn(0, x)) * 1e6 if k in ran else None
+                    row[f"{k}_graph_us"] = None
+                    if k not in ran or device != "cuda": continue
+                    try: row[f"{k}_graph_us"] = _graph_time([lambda i=i: fn(i, x) for i in range(copies)], reps) * 1e6
+                    except Exception as e: res["graph_errors"][f"{group}, {n} rows, {k}"] = f"{type(e).__name__}: {e}"
             res["layers"].append(row)
-        del lin, w16, fused
+        del lin, layers, w16, fused, gemm, calls
+        if device == "cuda": torch.cuda.empty_cache()
     blocks = SHAPES[shape]["num_hidden_layers"]
-    for n in rows:
-        for k in ("bnb_us", "dequantize_mm_us", "fused_us", "16bit_us"):
-            vals = [None if r[k] is None else r[k] * r["per_block"] for r in res["layers"] if r["rows"] == n]
-            res["per_step_ms"].setdefault(str(n), {})[k[:-3]] = None if None in vals else round(sum(vals) * blocks / 1e3, 2)
+    for total, suffix in (("per_step_ms", "_us"), ("per_step_graph_ms", "_graph_us")):
+        for n in rows:
+            for k in paths:
+                vals = [None if r[k + suffix] is None else r[k + suffix] * r["per_block"]
+                        for r in res["layers"] if r["rows"] == n]
+                res[total].setdefault(str(n), {})[k] = None if None in vals else round(sum(vals) * blocks / 1e3, 2)
     return _report(res, format_kernel_bench, verbose, output)
 
 def format_kernel_bench(res: dict) -> str:
-    "The kernel benchmark as a table, then the decode-step totals."
+    "The kernel benchmark as tables (each call alone, launch included; in CUDA graphs where timed), and step totals."
     c = res["config"]
+    chunks = c.get("chunks", [])
     f = lambda v: "-" if v is None else f"{v:.1f}"
-    head = f"{'layer':<20} {'out x in':>12} {'rows':>4} {'bnb µs':>8} {'deq+mm µs':>9} {'fused µs':>8} {'16-bit µs':>9}"
-    lines = [f"one NF4 layer of the {c['shape']} shape, {c['dtype']}, on {c['device']}", head, "-" * len(head)]
-    for r in res["layers"]:
-        lines.append(f"{r['layer']:<20} {str(r['out']) + 'x' + str(r['in']):>12} {r['rows']:>4} {f(r['bnb_us']):>8} "
-                     f"{f(r['dequantize_mm_us']):>9} {f(r['fused_us']):>8} {f(r['16bit_us']):>9}")
-    lines.append(f"all NF4 layers of one decode step ({SHAPES[c['shape']]['num_hidden_layers']} blocks), ms:")
-    for n, v in res["per_step_ms"].items():
-        lines.append(f"  rows {n:>3}: " + ", ".join(f"{k} {f(x)}" for k, x in v.items()))
+    gemm_head = "".join(f" {f'gemm/{k} µs':>10}" for k in chunks)
+    head = (f"{'layer':<20} {'out x in':>12} {'rows':>4} {'bnb µs':>8} {'deq+mm µs':>9} {'fused µs':>8}{gemm_head} "
+            f"{'16-bit µs':>9}")
+    lines = [f"one NF4 layer of the {c['shape']} shape, {c['dtype']}, on {c['device']}"]
+    graphed = any(r.get("bnb_graph_us") is not None or r.get("16bit_graph_us") is not None for r in res["layers"])
+    for suffix, title in (("_us", "each call alone, launch included"), ("_graph_us", "in a CUDA graph, GPU time only")):
+        if suffix == "_graph_us" and not graphed: continue
+        lines += [f"{title}:", head, "-" * len(head)]
+        for r in res["layers"]:
+            gemm = "".join(f" {f(r.get(f'bnb_gemm_{k}{suffix}')):>10}" for k in chunks)
+            lines.append(f"{r['layer']:<20} {str(r['out']) + 'x' + str(r['in']):>12} {r['rows']:>4} "
+                         f"{f(r.get('bnb' + suffix)):>8} {f(r.get('dequantize_mm' + suffix)):>9} "
+                         f"{f(r.get('fused' + suffix)):>8}{gemm} {f(r.get('16bit' + suffix)):>9}")
+    errors = [r["bnb_gemm_error"] for r in res["layers"] if r.get("bnb_gemm_error") is not None]
+    if errors:
+        lines.append(f"bitsandbytes' fused GEMM against its dequantize-then-matmul: relative error ≤ {max(errors):.1e}")
+    if c.get("bnb_gemm_error"): lines.append(f"bitsandbytes' fused GEMM did not run: {c['bnb_gemm_error']}")
+    lines += [f"not timed in a graph: {k}: {v}" for k, v in res.get("graph_errors", {}).items()]
+    for total, title in (("per_step_ms", "each call alone"), ("per_step_graph_ms", "in CUDA graphs")):
+        if total not in res or (total == "per_step_graph_ms" and not graphed): continue
+        blocks = SHAPES[c["shape"]]["num_hidden_layers"]
+        lines.append(f"all NF4 layers of one decode step ({blocks} blocks), {title}, ms:")
+        for n, v in res[total].items():
+            lines.append(f"  rows {n:>3}: " + ", ".join(f"{k} {f(x)}" for k, x in v.items()))
     return "\n".join(lines)
 
 # %% ../nbs/10_benchmarks.ipynb #diag0002

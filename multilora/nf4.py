@@ -16,18 +16,20 @@ import torch
 import torch.nn.functional as F
 
 # %% ../nbs/07a_nf4.ipynb #f89c203c
-def _dequantize_nf4(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int, n: int, dtype: torch.dtype,
-                    absmax_code: torch.Tensor | None = None, absmax_scale: torch.Tensor | None = None, absmax_blocksize: int = 256,
+def _dequantize_nf4(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int, n: int,
+                    dtype: torch.dtype, absmax_code: torch.Tensor | None = None,
+                    absmax_scale: torch.Tensor | None = None, absmax_blocksize: int = 256,
                     offset: torch.Tensor | None = None) -> torch.Tensor:
     "The first `n` weights of an NF4 buffer, flat, from tensors alone (so that `torch.compile` can fuse it)."
     absmax = _absmax(absmax, absmax_code, absmax_scale, absmax_blocksize, offset)
-    idx = torch.stack([packed >> 4, packed & 15], -1).flatten()[:n].int()  # two codes per byte, the first in the high nibble
+    # two codes per byte, the first in the high nibble
+    idx = torch.stack([packed >> 4, packed & 15], -1).flatten()[:n].int()
     vals = F.pad(code[idx], (0, (-n) % blocksize)).view(-1, blocksize) * absmax.view(-1, 1)
     return vals.flatten()[:n].to(dtype)
 
 def _absmax(absmax: torch.Tensor, absmax_code: torch.Tensor | None = None, absmax_scale: torch.Tensor | None = None,
             absmax_blocksize: int = 256, offset: torch.Tensor | None = None) -> torch.Tensor:
-    "Each NF4 block's scale in fp32, undoing double quantization (8-bit absmaxes, scaled per block of 256) where there is one."
+    "Each NF4 block's scale in fp32, undoing any double quantization (8-bit absmaxes, scaled per block of 256)."
     if absmax_code is None: return absmax.float()
     a = absmax_code[absmax.int()]
     a = F.pad(a, (0, (-a.numel()) % absmax_blocksize)).view(-1, absmax_blocksize) * absmax_scale.view(-1, 1)
@@ -41,7 +43,7 @@ def is_nf4(module: torch.nn.Module) -> bool:
     return isinstance(module, bnb.nn.Linear4bit) and qs is not None and qs.quant_type == "nf4"
 
 def standard_nf4_layout(module: torch.nn.Module) -> bool:
-    "Undo, in place, bitsandbytes' repacking of a 4-bit layer for its AVX512-BF16 CPU kernel (see `keep_nf4_layout`); whether it had to."
+    "Undo, in place, bitsandbytes' repacking of a layer for its AVX512-BF16 CPU kernel (`keep_nf4_layout`); if needed."
     w = module.weight
     module.support_avx512bf16_for_cpu = False   # and never again
     if not getattr(w.quant_state, "packing_format_for_cpu", False): return False
@@ -52,8 +54,8 @@ def standard_nf4_layout(module: torch.nn.Module) -> bool:
 def nf4_dequantize(weight, dequantize=_dequantize_nf4) -> torch.Tensor:
     "bitsandbytes' NF4 weight (`Params4bit`) as a dense matrix, in plain PyTorch ops that CUDA graphs can capture."
     qs = weight.quant_state
-    flat = dequantize(weight.data.view(torch.uint8).flatten(), qs.absmax, qs.code, qs.blocksize, qs.shape.numel(), qs.dtype,
-                      **_nested(qs))
+    flat = dequantize(weight.data.view(torch.uint8).flatten(), qs.absmax, qs.code, qs.blocksize, qs.shape.numel(),
+                      qs.dtype, **_nested(qs))
     return flat.view(qs.shape)
 
 def nf4_scales(weight) -> torch.Tensor:
@@ -69,14 +71,14 @@ def _nested(qs) -> dict:
 
 # %% ../nbs/07a_nf4.ipynb #1324a9c1
 def rounding_gap(got: torch.Tensor, want: torch.Tensor) -> float:
-    "The largest difference between `got` and `want` in units of `want`'s rounding step (eps × |value|): ≤ 1 is rounding."
+    "The largest difference of `got` from `want` in units of `want`'s rounding step (eps × |value|); ≤ 1: rounding."
     step = torch.finfo(want.dtype).eps * want.float().abs()
     gap = (got.float() - want.float()).abs()
     return float((gap / step.clamp_min(torch.finfo(torch.float32).tiny)).max()) if gap.any() else 0.0
 
 # %% ../nbs/07a_nf4.ipynb #95622f76
 class FrozenPath:
-    "One way of running a model's frozen NF4 linear layers; `start()` prepares and checks it once, `apply` runs a layer."
+    "One way of running a model's frozen NF4 linear layers; `start()` prepares and checks it once, `apply` runs one."
     name = "bnb"
     fallback: tuple[str, ...] = ()               # the paths to try, in order, if `start()` fails
 
@@ -92,7 +94,7 @@ class FrozenPath:
         return lin(x)
 
     def apply_group(self, key: tuple[int, str], lins: list, x: torch.Tensor) -> torch.Tensor:
-        "The frozen layers `lins` of group `key` (layer index, group name) on their shared input `x`, outputs side by side."
+        "The frozen layers `lins` of group `key` (layer index, group name) on their shared input, outputs side by side."
         ys = [self.apply(lin, x) for lin in lins]
         return ys[0] if len(ys) == 1 else torch.cat(ys, -1)
 
@@ -113,14 +115,15 @@ class TorchPath(FrozenPath):
         return F.linear(x.to(cd), w, None if lin.bias is None else lin.bias.to(cd)).to(x.dtype)
 
 class CompiledPath(TorchPath):
-    "The same dequantization under `torch.compile`: one fused kernel per weight shape, compiled and checked at start-up."
+    "The same dequantization under `torch.compile`: one fused kernel per weight shape, compiled and checked at start."
     name, fallback = "compiled", ("torch",)
 
     def start(self):
         compiled = torch.compile(_dequantize_nf4, dynamic=False)
         for m in self.shapes().values():                        # once per weight shape, now rather than mid-request
             gap = rounding_gap(nf4_dequantize(m.weight, compiled), nf4_dequantize(m.weight))
-            if not gap <= 1: raise RuntimeError(f"compiled NF4 dequantization differs from eager by {gap:.3g} rounding steps")
+            if not gap <= 1:
+                raise RuntimeError(f"compiled NF4 dequantization differs from eager by {gap:.3g} rounding steps")
         self.dequantize = compiled
 
 # %% ../nbs/07a_nf4.ipynb #ca012dde
@@ -136,10 +139,12 @@ class DensePath(FrozenPath):
                 cd = lins[0].compute_dtype or lins[0].weight.quant_state.dtype
                 w = torch.cat([nf4_dequantize(l.weight).to(cd) for l in lins])
                 b = None if all(l.bias is None for l in lins) else torch.cat(
-                    [torch.zeros(l.out_features, dtype=cd, device=w.device) if l.bias is None else l.bias.to(cd) for l in lins])
+                    [torch.zeros(l.out_features, dtype=cd, device=w.device) if l.bias is None else l.bias.to(cd)
+                     for l in lins])
                 self.grouped[(i, g)] = (w, b)
         in_groups = {l for i, g in self.grouped for l in self.groups[i][g]}
-        self.dense = {m: nf4_dequantize(m.weight).to(m.compute_dtype or m.weight.quant_state.dtype) for m in self.nf4 - in_groups}
+        self.dense = {m: nf4_dequantize(m.weight).to(m.compute_dtype or m.weight.quant_state.dtype)
+                      for m in self.nf4 - in_groups}
 
     def apply(self, lin, x):
         w = self.dense.get(lin)
@@ -153,8 +158,9 @@ class DensePath(FrozenPath):
         return F.linear(x.to(dense[0].dtype), *dense).to(x.dtype)        # the group as one 16-bit matrix
 
 # %% ../nbs/07a_nf4.ipynb #e3bd316b
-FROZEN_PATHS: dict[str, type | str] = {"bnb": FrozenPath, "torch": TorchPath, "compiled": CompiledPath, "dense": DensePath,
-                                       "fused": "multilora.kernels:FusedPath"}
+FROZEN_PATHS: dict[str, type | str] = {"bnb": FrozenPath, "torch": TorchPath, "compiled": CompiledPath,
+                                       "dense": DensePath, "fused": "multilora.kernels:FusedPath",
+                                       "bnb_gemm": "multilora.kernels:BnbGemmPath"}
 
 def _path_class(name: str) -> type:
     cls = FROZEN_PATHS[name]
@@ -164,7 +170,7 @@ def _path_class(name: str) -> type:
     return cls
 
 def auto_frozen_path(device: torch.device) -> str:
-    "The default path on `device`: compiled dequantization on a GPU (plain torch without Triton), bitsandbytes on a CPU."
+    "The default path on `device`: compiled dequantization on a GPU (plain torch without Triton), bitsandbytes on CPU."
     if torch.device(device).type != "cuda": return "bnb"
     try: import triton  # noqa: F401
     except ImportError: return "torch"

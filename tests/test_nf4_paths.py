@@ -1,0 +1,67 @@
+"The `bnb_gemm` frozen-layer path: bitsandbytes' fused 4-bit GEMM on a GPU, against bitsandbytes and `dense`; its fallback elsewhere."
+import pytest, torch
+import torch.nn.functional as F
+import bitsandbytes as bnb
+from multilora.kernels import BnbGemm, _relative_error
+from multilora.model import load_base_model
+from multilora.runner import FastLoRA
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="bitsandbytes' fused 4-bit GEMM needs a CUDA GPU")
+PROMPTS = ["The capital of France is", "SELECT name FROM users WHERE", "Once upon a time", "def fibonacci(n):"]
+
+def test_bnb_gemm_falls_back_off_a_gpu():
+    base, _ = load_base_model(quantization="nf4", device_map="cpu")
+    with pytest.warns(UserWarning, match=r"the 'bnb_gemm' NF4 path is unavailable \(RuntimeError: .*CUDA GPUs.*using 'torch'"):
+        fast = FastLoRA(base, max_batch_size=2, max_len=64, frozen_weights="bnb_gemm")
+    assert fast.frozen_weights == "torch"
+    assert FastLoRA(base, max_batch_size=2, max_len=64).frozen_weights == "bnb"            # "auto" on a CPU, as before
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("nested, bias", [(True, False), (False, True)])
+def test_bnb_gemm_layer_matches_bitsandbytes(nested, bias, dtype):
+    torch.manual_seed(0)
+    lin = bnb.nn.Linear4bit(512, 384, bias=bias, compute_dtype=dtype, quant_type="nf4", compress_statistics=nested)
+    lin.weight = bnb.nn.Params4bit(torch.randn(384, 512) * 0.02, requires_grad=False, quant_type="nf4",
+                                   compress_statistics=nested)
+    if bias: lin.bias = torch.nn.Parameter(torch.randn(384) * 0.1, requires_grad=False)
+    lin = lin.cuda()
+    assert lin.weight.quant_state.nested == nested
+    op = BnbGemm(lin)
+    w = bnb.functional.dequantize_4bit(lin.weight.data, lin.weight.quant_state).to(dtype)
+    for rows in (1, 3, 4, 17, 32, 64):
+        x = torch.randn(rows, 512, device="cuda", dtype=dtype)
+        want = F.linear(x, w, None if lin.bias is None else lin.bias.to(dtype))
+        for chunk in (64, 32, 16):
+            got = op(x, chunk)
+            assert got.shape == want.shape and got.dtype == dtype
+            rel = _relative_error(got, want)
+            assert rel <= 2 * torch.finfo(dtype).eps, f"{rows} rows in chunks of {chunk}: relative error {rel:.3g}"
+    x = torch.randn(2, 3, 512, device="cuda", dtype=dtype)                       # leading dimensions, as the engine passes
+    assert _relative_error(op(x), F.linear(x, w, None if lin.bias is None else lin.bias.to(dtype))) <= 2 * torch.finfo(dtype).eps
+
+@cuda
+def test_bnb_gemm_engine_matches_dense():
+    base, tok = load_base_model(quantization="nf4")                               # the embedded model, on the GPU
+    ids = [tok(p)["input_ids"] for p in PROMPTS]
+    batch = [ids[i % len(ids)] for i in range(64)]                               # a decode step of 64 rows: 2 chunks of 32
+    slots, adapters = list(range(64)), [-1] * 64
+    logits = {}
+    for mode in ("dense", "bnb_gemm"):
+        fast = FastLoRA(base, max_batch_size=64, max_len=128, frozen_weights=mode)
+        assert fast.frozen_weights == mode, f"{mode} fell back to {fast.frozen_weights}"
+        prefill = fast.prefill([i[:-1] for i in batch], slots, adapters)
+        tokens, positions = {s: batch[s][-1] for s in slots}, {s: len(batch[s]) - 1 for s in slots}
+        step = fast.decode(tokens, positions, dict(enumerate(adapters)))[:64]
+        one = fast.decode({0: tokens[0]}, {0: positions[0]}, {0: -1})[:1]         # a step of one row: the SIMT kernel
+        assert fast.graph_error is None, f"{mode}: {fast.graph_error}"               # its decode steps were CUDA graphs
+        logits[mode] = [prefill.float(), step.float(), one.float()]
+        if mode == "bnb_gemm":
+            path = fast.frozen_path
+            print("chunk sizes chosen:", {k: v for k, v in path.chunks.items() if k[1] > path.chunk})
+            print("worst start-up check:", max(path.kernel_checks.values()))
+            assert path.kernel_checks and any(rows == 64 for _, rows in path.chunks)
+        del fast
+    rel = lambda a, b: ((a - b).norm(dim=-1) / b.norm(dim=-1)).max().item()
+    for what, got, want in zip(("prefill", "decode at 64", "decode at 1"), logits["bnb_gemm"], logits["dense"]):
+        assert rel(got, want) <= 3e-2, f"{what}: bnb_gemm differs from dense by {rel(got, want):.3g}"
