@@ -624,31 +624,15 @@ def _layer_shapes(shape: str) -> dict[str, tuple[int, int, int]]:
     return groups
 
 # %% ../nbs/10_benchmarks.ipynb #1a3e467c
-def _graph_time(calls: list[Callable], reps: int) -> float:
-    "Median GPU seconds per call of `calls` replayed as one CUDA graph (as decode steps run); raises if it is wrong."
-    from multilora.kernels import _relative_error, _time
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side): want = [fn() for fn in calls]        # warm-up outside the capture: compile, allocate
-    torch.cuda.current_stream().wait_stream(side)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g): got = [fn() for fn in calls]
-    g.replay()
-    worst = max(_relative_error(o, w) for o, w in zip(got, want))
-    if not worst <= 1e-2:
-        raise RuntimeError(f"the graph's replay differs from the eager calls (relative error {worst:.3g})")
-    return _time(g.replay, reps) / len(calls)
-
 def bench_kernels(shape: str = "tiny", rows: tuple[int, ...] = (1, 16, 64), reps: int = 20,
                   chunks: tuple[int, ...] = (64, 32), output: str | os.PathLike | None = "bench_kernels.json",
                   verbose: bool = True) -> dict:
     "Microseconds per NF4 layer at decode sizes, each way the engine can run it, and per decode step."
-    import copy
     import bitsandbytes as bnb
     import torch.nn.functional as F
     from multilora.nf4 import _dequantize_nf4, nf4_dequantize
     from multilora.model import pick_compute_dtype
-    from multilora.kernels import _relative_error, _time
+    from multilora.kernels import _graph_copies, _graph_time, _relative_error, _time
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = pick_compute_dtype(device)
     timer = lambda fn: _time(fn, reps, cuda=device == "cuda")
@@ -667,9 +651,8 @@ def bench_kernels(shape: str = "tiny", rows: tuple[int, ...] = (1, 16, 64), reps
         lin.weight = bnb.nn.Params4bit(torch.randn(out_f, in_f, dtype=dtype) * 0.02, requires_grad=False,
                                        quant_type="nf4", compress_statistics=True)
         lin = lin.to(device)
-        # on a GPU, copies of the layer (4x the L2 cache in NF4 bytes), so that a graph reads memory as a step does
-        copies = min(64, max(1, math.ceil(4 * l2 / (out_f * in_f / 2))))
-        layers = [lin] + [copy.deepcopy(lin) for _ in range(copies - 1)]
+        layers = _graph_copies(lin)      # on a GPU, copies filling 4x the L2 cache: a graph reads memory as a step does
+        copies = len(layers)
         w16 = [nf4_dequantize(l.weight).to(dtype) for l in layers]
         fused, gemm = [], []
         if device == "cuda":

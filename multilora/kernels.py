@@ -4,15 +4,16 @@
 
 # %% ../nbs/07b_nf4_kernel.ipynb #052c2022
 from __future__ import annotations
-import time, warnings
+import copy, math, time, warnings
 from dataclasses import dataclass
 
 # %% auto #0
-__all__ = ['CONFIGS', 'MAX_ROWS', 'CHUNK_ROWS', 'KernelConfig', 'NF4Matmul', 'tune', 'FusedPath', 'BnbGemm', 'BnbGemmPath']
+__all__ = ['CONFIGS', 'MAX_ROWS', 'KernelConfig', 'NF4Matmul', 'tune', 'FusedPath', 'BnbGemm', 'BnbGemmPath']
 
 # %% ../nbs/07b_nf4_kernel.ipynb #98fdd3d9
 import torch
 import torch.nn.functional as F
+from fastcore.basics import patch
 from .nf4 import CompiledPath, is_nf4, nf4_dequantize, nf4_scales, standard_nf4_layout
 try: import triton, triton.language as tl
 except ImportError: triton = tl = None
@@ -179,7 +180,7 @@ class FusedPath(CompiledPath):
                 x = torch.randn(rows, op.in_features, device=self.device, dtype=op.dtype)
                 want = F.linear(x, nf4_dequantize(m.weight).to(op.dtype)).float()
                 rel = _relative_error(op(x), want)
-                self.kernel_checks[(tuple(op.packed.shape), rows)] = rel
+                self.kernel_checks[f"{op.out_features}x{op.in_features} rows {rows}"] = rel
                 if not rel <= (1e-4 if op.dtype == torch.float32 else 1e-2):
                     raise RuntimeError(f"fused NF4 matmul differs from dequantize-then-matmul "
                                        f"(relative error {rel:.3g})")
@@ -191,8 +192,6 @@ class FusedPath(CompiledPath):
         return super().apply(lin, x)
 
 # %% ../nbs/07b_nf4_kernel.ipynb #25fee889
-CHUNK_ROWS = 32                   # rows per call of bitsandbytes' fused GEMM where a decode step is split
-
 def _bnb_gemm_kernel(device: torch.device):
     "bitsandbytes' launcher of its fused 4-bit GEMM (no batch-size dispatch) for `device`, or an error saying why not."
     import bitsandbytes
@@ -233,24 +232,48 @@ class BnbGemm:
         "Whether `x` is decode-sized: at least one row and at most `max_rows` (prefills dequantize and call cuBLAS)."
         return 0 < x.numel() <= self.in_features * max_rows
 
-    def __call__(self, x: torch.Tensor, chunk: int = CHUNK_ROWS) -> torch.Tensor:
-        "The layer on `x` ([..., in_features]), in the layer's compute dtype, at most `chunk` rows per kernel call."
+    def __call__(self, x: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+        "The layer on `x` ([..., in_features]), in the layer's compute dtype: one kernel call, or one per `chunk` rows."
         x2 = x.reshape(-1, self.in_features).to(self.dtype)
+        chunk = chunk or max(1, x2.shape[0])
         if x2.data_ptr() % 16: x2 = x2.clone()                  # the kernels load rows 16 bytes at a time
         ys = [self.gemm(x2[i:i + chunk], **self.kwargs) for i in range(0, x2.shape[0], chunk)]
         return (ys[0] if len(ys) == 1 else torch.cat(ys)).view(*x.shape[:-1], self.out_features)
 
+# %% ../nbs/07b_nf4_kernel.ipynb #3640b781
+def _graph_copies(layer: torch.nn.Module, layers: list | None = None) -> list:
+    "Distinct NF4 layers of `layer`'s shape, `layers` then copies, filling 4× the GPU's L2 cache (at most 64)."
+    w = layer.weight
+    l2 = torch.cuda.get_device_properties(w.device).L2_cache_size if w.device.type == "cuda" else 0
+    n = min(64, max(1, math.ceil(4 * l2 / (w.quant_state.shape.numel() / 2))))
+    picked = list(layers or [layer])[:n]
+    return picked + [copy.deepcopy(layer) for _ in range(n - len(picked))]
+
+def _graph_time(calls: list, reps: int = 20) -> float:
+    "Median GPU seconds per call of `calls` replayed as one CUDA graph (as decode steps run); raises if it is wrong."
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side): want = [fn() for fn in calls]        # warm-up outside the capture: compile, allocate
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g): got = [fn() for fn in calls]
+    g.replay()
+    worst = max(_relative_error(o, w) for o, w in zip(got, want))
+    if not worst <= 1e-2:
+        raise RuntimeError(f"the graph's replay differs from the eager calls (relative error {worst:.3g})")
+    return _time(g.replay, reps) / len(calls)
+
 # %% ../nbs/07b_nf4_kernel.ipynb #af3eb8ef
 class BnbGemmPath(CompiledPath):
-    "Decode-sized inputs through bitsandbytes' fused 4-bit GEMM, whole or in chunks (the faster); prefills compiled."
+    "Each decode size through bitsandbytes' fused 4-bit GEMM or dequantize + cuBLAS, whichever timed faster per shape."
     name = "bnb_gemm"
+    candidates = ("fused", "dequantize_mm")
 
     def __init__(self, groups: list[dict[str, list]], modules, device: torch.device, decode_rows: list[int],
-                 chunk: int = CHUNK_ROWS, max_rows: int = MAX_ROWS):
-        if chunk < 1 or max_rows < 1:
-            raise ValueError(f"chunk and max_rows must be at least 1, not {chunk} and {max_rows}")
+                 max_rows: int = MAX_ROWS, reps: int = 20):
+        if max_rows < 1 or reps < 1: raise ValueError(f"max_rows and reps must be at least 1, not {max_rows}, {reps}")
         super().__init__(groups, modules, device, decode_rows)
-        self.chunk, self.max_rows = chunk, max_rows
+        self.max_rows, self.reps = max_rows, reps
 
     @property
     def fallback(self) -> tuple[str, ...]: return ("compiled", "torch") if self.device.type == "cuda" else ("torch",)
@@ -258,35 +281,44 @@ class BnbGemmPath(CompiledPath):
     def start(self):
         _bnb_gemm_kernel(self.device)                           # refuses here, before compiling, where it cannot run
         ops = {m: BnbGemm(m) for m in self.nf4}
-        super().start()                                         # prefills: the compiled dequantization
-        self.kernel_checks, self.chunks = {}, {}
-        for m in self.shapes().values():
-            for rows in sorted({min(b, self.max_rows) for b in self.decode_rows} | {1}):
-                self.chunks[(ops[m].key, rows)] = self._check(ops[m], rows)
+        super().start()                                         # prefills, and the other candidate: compiled
+        self.kernel_checks, self.timings, self.choices, self.fused_rows = {}, {}, {}, {}
+        rows = sorted({min(b, self.max_rows) for b in self.decode_rows} | {1})
+        by_shape = {}
+        for m in self.nf4: by_shape.setdefault(ops[m].key, []).append(m)
+        with torch.no_grad():
+            for key, layers in by_shape.items():
+                gemms = [ops.get(l) or BnbGemm(l) for l in _graph_copies(layers[0], layers)]
+                fused = {n: self._choose(gemms, n) == "fused" for n in rows}
+                for n in range(1, self.max_rows + 1):           # any row count: the choice of the bucket it pads to
+                    bucket = next((r for r in rows if r >= n), None)
+                    if bucket is not None: self.fused_rows[(key, n)] = fused[bucket]
         self.ops = ops
 
     def apply(self, lin, x):
         op = self.ops.get(lin)
-        if op is None or not op.fits(x, self.max_rows): return super().apply(lin, x)
-        chunk = self.chunks.get((op.key, x.numel() // op.in_features), self.chunk)
-        return op(x, chunk).to(x.dtype)                          # decode: the fused kernel
+        if op is None or not self.fused_rows.get((op.key, x.numel() // op.in_features)): return super().apply(lin, x)
+        return op(x).to(x.dtype)                                 # a decode size where the fused kernel is faster
 
-    def _check(self, op: BnbGemm, rows: int) -> int:
-        "Check `op` at `rows` rows, whole and in chunks, against bitsandbytes' dequantize-then-matmul; the faster."
-        import bitsandbytes.functional as bnbF
-        w = op.layer.weight
-        x = torch.randn(rows, op.in_features, device=self.device, dtype=op.dtype)
-        want = F.linear(x, bnbF.dequantize_4bit(w.data, w.quant_state).to(op.dtype), op.kwargs["bias"])
-        tol = 1e-4 if op.dtype == torch.float32 else 2 * torch.finfo(op.dtype).eps
-        chunks = sorted({rows, min(rows, self.chunk)})
-        times = {}
-        for chunk in chunks:
-            got = op(x, chunk)
-            rel = _relative_error(got, want) if got.shape == want.shape else float("inf")
-            self.kernel_checks[f"{op.out_features}x{op.in_features} rows {rows} chunk {chunk}"] = rel
-            if not rel <= tol:
-                raise RuntimeError(f"bitsandbytes' fused 4-bit GEMM differs from its dequantize-then-matmul on "
-                                   f"{op.out_features}x{op.in_features}, {rows} rows in chunks of {chunk} "
-                                   f"(relative error {rel:.3g}, more than {tol:.3g})")
-            times[chunk] = _time(lambda: op(x, chunk)) if len(chunks) > 1 else 0.0
-        return min(times, key=times.get)
+# %% ../nbs/07b_nf4_kernel.ipynb #fc6e74ec
+@patch
+def _choose(self: BnbGemmPath, gemms: list[BnbGemm], rows: int) -> str:
+    "Check the fused GEMM at `rows` rows against bitsandbytes' dequantize-then-matmul, time both; the faster."
+    import bitsandbytes.functional as bnbF
+    op, w = gemms[0], gemms[0].layer.weight
+    name = f"{op.out_features}x{op.in_features} rows {rows}"
+    x = torch.randn(rows, op.in_features, device=self.device, dtype=op.dtype)
+    want = F.linear(x, bnbF.dequantize_4bit(w.data, w.quant_state).to(op.dtype), op.kwargs["bias"])
+    got = op(x)
+    rel = _relative_error(got, want) if got.shape == want.shape else float("inf")
+    self.kernel_checks[name] = rel
+    tol = 1e-4 if op.dtype == torch.float32 else 2 * torch.finfo(op.dtype).eps
+    if not rel <= tol:
+        raise RuntimeError(f"bitsandbytes' fused 4-bit GEMM differs from its dequantize-then-matmul on "
+                           f"{op.out_features}x{op.in_features} at {rows} rows (relative error {rel:.3g}, "
+                           f"more than {tol:.3g})")
+    calls = {"fused": lambda g: g(x), "dequantize_mm": lambda g: self.dequantize_matmul(g.layer, x)}
+    times = {c: _graph_time([lambda g=g, fn=calls[c]: fn(g) for g in gemms], self.reps) for c in self.candidates}
+    self.timings[name] = {c: round(t * 1e6, 2) for c, t in times.items()}
+    self.choices[name] = min(times, key=times.get)
+    return self.choices[name]

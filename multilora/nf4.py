@@ -109,7 +109,10 @@ class TorchPath(FrozenPath):
     dequantize = staticmethod(_dequantize_nf4)
 
     def apply(self, lin, x):
-        if lin not in self.nf4: return lin(x)
+        return self.dequantize_matmul(lin, x) if lin in self.nf4 else lin(x)
+
+    def dequantize_matmul(self, lin, x):
+        "The NF4 layer `lin` on `x`: its weight dequantized by `self.dequantize`, then one matmul in its compute dtype."
         cd = lin.compute_dtype or x.dtype                       # what bitsandbytes' own forward computes in
         w = nf4_dequantize(lin.weight, self.dequantize).to(cd)
         return F.linear(x.to(cd), w, None if lin.bias is None else lin.bias.to(cd)).to(x.dtype)

@@ -1,5 +1,5 @@
-"The `bnb_gemm` frozen-layer path: bitsandbytes' fused 4-bit GEMM on a GPU, against bitsandbytes and `dense`; its fallback elsewhere."
-import pytest, torch
+"The `bnb_gemm` frozen path: per decode size, the fused 4-bit GEMM or dequantize + cuBLAS, against the model as loaded."
+import json, pytest, torch
 import torch.nn.functional as F
 import bitsandbytes as bnb
 from multilora.kernels import BnbGemm, _relative_error
@@ -41,27 +41,39 @@ def test_bnb_gemm_layer_matches_bitsandbytes(nested, bias, dtype):
     assert _relative_error(op(x), F.linear(x, w, None if lin.bias is None else lin.bias.to(dtype))) <= 2 * torch.finfo(dtype).eps
 
 @cuda
-def test_bnb_gemm_engine_matches_dense():
+def test_bnb_gemm_engine_matches_the_model_as_loaded():
     base, tok = load_base_model(quantization="nf4")                               # the embedded model, on the GPU
     ids = [tok(p)["input_ids"] for p in PROMPTS]
-    batch = [ids[i % len(ids)] for i in range(64)]                               # a decode step of 64 rows: 2 chunks of 32
+    batch = [ids[i % len(ids)] for i in range(64)]                               # a decode step of 64 rows
     slots, adapters = list(range(64)), [-1] * 64
     logits = {}
-    for mode in ("dense", "bnb_gemm"):
+    for mode in ("bnb", "dense", "bnb_gemm"):                    # "bnb": bitsandbytes' Linear4bit, the model as loaded
         fast = FastLoRA(base, max_batch_size=64, max_len=128, frozen_weights=mode)
         assert fast.frozen_weights == mode, f"{mode} fell back to {fast.frozen_weights}"
         prefill = fast.prefill([i[:-1] for i in batch], slots, adapters)
         tokens, positions = {s: batch[s][-1] for s in slots}, {s: len(batch[s]) - 1 for s in slots}
         step = fast.decode(tokens, positions, dict(enumerate(adapters)))[:64]
-        one = fast.decode({0: tokens[0]}, {0: positions[0]}, {0: -1})[:1]         # a step of one row: the SIMT kernel
-        assert fast.graph_error is None, f"{mode}: {fast.graph_error}"               # its decode steps were CUDA graphs
+        one = fast.decode({0: tokens[0]}, {0: positions[0]}, {0: -1})[:1]
+        if mode != "bnb": assert fast.graph_error is None, f"{mode}: {fast.graph_error}"   # decode steps were graphs
         logits[mode] = [prefill.float(), step.float(), one.float()]
         if mode == "bnb_gemm":
             path = fast.frozen_path
-            print("chunk sizes chosen:", {k: v for k, v in path.chunks.items() if k[1] > path.chunk})
+            print("choices:", path.choices, "\ntimings (µs):", path.timings)
             print("worst start-up check:", max(path.kernel_checks.values()))
-            assert path.kernel_checks and any(rows == 64 for _, rows in path.chunks)
+            json.dumps({"choices": path.choices, "timings": path.timings, "checks": path.kernel_checks})
+            shapes = {f"{m.weight.quant_state.shape[0]}x{m.weight.quant_state.shape[1]}" for m in path.nf4}
+            for rows in (1, 64):
+                chosen = {s: path.choices.get(f"{s} rows {rows}") for s in shapes}
+                assert all(c in path.candidates for c in chosen.values()), f"{rows} rows: {chosen}"
+            assert all(path.choices[f"{s} rows 1"] == "fused" for s in shapes), path.timings
+            fused_at_64 = any(path.choices[f"{s} rows 64"] == "fused" for s in shapes)
         del fast
     rel = lambda a, b: ((a - b).norm(dim=-1) / b.norm(dim=-1)).max().item()
-    for what, got, want in zip(("prefill", "decode at 64", "decode at 1"), logits["bnb_gemm"], logits["dense"]):
-        assert rel(got, want) <= 3e-2, f"{what}: bnb_gemm differs from dense by {rel(got, want):.3g}"
+    for what, got, dense, want in zip(("prefill", "decode at 64", "decode at 1"), logits["bnb_gemm"], logits["dense"],
+                                      logits["bnb"]):
+        # both are bf16 computations of the same NF4 model: bnb_gemm may be no farther from it than dense is
+        bound = max(1.5 * rel(dense, want), 1e-2)
+        print(f"{what}: bnb_gemm {rel(got, want):.3g}, dense {rel(dense, want):.3g} from the model as loaded")
+        assert rel(got, want) <= bound, (f"{what}: bnb_gemm differs from the model as loaded by {rel(got, want):.3g}, "
+                                         f"more than {bound:.3g} (dense: {rel(dense, want):.3g}; "
+                                         f"fused kernel at 64 rows: {fused_at_64})")
