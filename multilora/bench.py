@@ -468,6 +468,7 @@ def bench_serve(adapters: str | os.PathLike | None = None, engines: tuple[str, .
                 stats, cfg = eng.stats(), results["config"]
                 cfg[f"{label} cuda_graphs"] = stats["cuda_graphs"]
                 cfg[f"{label} frozen_weights"] = stats["frozen_weights"]  # the path it ran, after any fallback
+                if stats.get("frozen_choices"): cfg[f"{label} frozen_choices"] = stats["frozen_choices"]
                 cfg[f"{label} timing"] = stats["timing"]
                 cfg[f"{label} trace"] = stats["trace"]            # per step, for plots
             _save(results, output)   # partial results survive a kill
@@ -755,7 +756,8 @@ def bench_diag(base_model: str | os.PathLike, adapters: str | os.PathLike,
         sched = Scheduler(f, tok)
         checks = getattr(f.frozen_path, "kernel_checks", None) or {}
         r = {"ran": f.frozen_weights, "build_s": round(time.time() - t0, 1), "memory_gb": gb(),
-             "kernel_checks": {k: float(v) for k, v in checks.items()}, "generate": []}
+             "kernel_checks": {k: float(v) for k, v in checks.items()}, "generate": [],
+             "choices": getattr(f.frozen_path, "choices", None)}
         for n, served in ((1, names), (batch, names), (batch, [BASE])):
             t0 = time.time()
             sched.generate_texts([prompts[i % len(prompts)] for i in range(n)], [served[i % len(served)] for i in range(n)],

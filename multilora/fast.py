@@ -57,6 +57,7 @@ class FastEngine(Engine):
         "What the runner and scheduler did: the frozen-layer path and CUDA graphs used, where the time went, a step trace."
         r, s = self.runner, self.scheduler
         return {"frozen_weights": r.frozen_weights, "cuda_graphs": r.cuda_graphs or r.graph_error,
+                "frozen_choices": getattr(r.frozen_path, "choices", None),   # a path that picks a kernel per batch size
                 "timing": {**s.timing, "decode_steps": s.steps}, "trace": list(s.trace)}
 
 # %% ../nbs/07e_fast_engine.ipynb #839b51d4
