@@ -30,7 +30,7 @@ def make_server(loaded, adapter_root):
     def start(engine="batched", app_kw=None, served=None, **engine_kw):
         model, tok, name, templates = served or loaded
         eng = make_engine(model, tok, engine, base_name=name, **engine_kw)
-        srv = BackgroundServer(create_app(eng, adapter_root=adapter_root, **(app_kw or {})))
+        srv = BackgroundServer(create_app(eng, **{"adapter_root": adapter_root, **(app_kw or {})}))
         url = srv.__enter__(); servers.append(srv)
         return url, eng
     yield start

@@ -1,4 +1,4 @@
-"Hostile SQL against `execute_sql`'s worker process: each attack is a quick, clear error; the caller and the database stay as they were."
+"Hostile SQL against `execute_sql`'s worker: each attack is a quick, clear error; caller and database stay as they were."
 import hashlib, os, signal, sqlite3, threading, time
 import pytest
 from multilora.builtin_data import create_sql_database
@@ -26,7 +26,9 @@ def peak_rss_during(fn) -> float:
     return max(peak)
 
 def a_s(n): return f"replace(hex(zeroblob({n // 2})), '0', 'a')"            # a string of n a's, built in SQL
-def rows(n, value): return f"WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c LIMIT {n}) SELECT {value} FROM c"
+def rows(n, value):
+    "`value` on each of `n` rows."
+    return f"WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c LIMIT {n}) SELECT {value} FROM c"
 
 # (attack, sql, extra arguments, the words of the error). The first two raise max_value_bytes so that only the process
 # limits stand in their way; the last two stay under SQLite's own limits, which therefore cannot stop them.
@@ -35,7 +37,8 @@ ATTACKS = [
      {"max_value_bytes": 2_000_000_000}, "out of memory"),
     ("40 rows of 100 MB blobs", rows(40, "zeroblob(100000000)"), {"max_value_bytes": 200_000_000}, "out of memory"),
     ("3000 rows of 1 MB blobs", rows(3000, "zeroblob(999000)"), {}, "out of memory"),
-    ("one quadratic call (~2.5e11 byte comparisons)", f"SELECT instr({a_s(998_000)}, {a_s(498_000)} || 'b')", {}, "timed out"),
+    ("one quadratic call (~2.5e11 byte comparisons)", f"SELECT instr({a_s(998_000)}, {a_s(498_000)} || 'b')", {},
+     "timed out"),
 ]
 
 @pytest.mark.parametrize("attack,sql,kw,words", ATTACKS, ids=[a[0] for a in ATTACKS])
@@ -91,4 +94,5 @@ def test_without_posix_the_query_runs_here_with_a_warning(db, monkeypatch):
     expected = execute_sql(db, sql)
     monkeypatch.setattr(evaluate, "_worker", None)                    # what a platform without `resource` gets
     with pytest.warns(UserWarning, match="in this process"): assert execute_sql(db, sql) == expected
-    with pytest.warns(UserWarning), pytest.raises(SQLExecutionError, match="not authorized"): execute_sql(db, "DROP TABLE employees")
+    with pytest.warns(UserWarning), pytest.raises(SQLExecutionError, match="not authorized"):
+        execute_sql(db, "DROP TABLE employees")
