@@ -20,8 +20,8 @@ __all__ = ['BASE', 'log', 'SAMPLING_EPS', 'LATENCY_BUCKETS', 'BATCH_BUCKETS', 'E
 # %% ../nbs/07_engine.ipynb #09f63192
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
-from peft import LoraConfig, PeftModel
-from peft.tuners.tuners_utils import check_target_module_exists
+from peft import LoraConfig, PeftModel, MODEL_TYPE_TO_PEFT_MODEL_MAPPING
+from peft.tuners.tuners_utils import BaseTunerLayer, check_target_module_exists
 from safetensors import safe_open
 from fastcore.basics import patch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -410,23 +410,42 @@ def check_adapter_name(name: str, base_name: str):
     except ValueError as e: raise BadRequest(f"Invalid adapter name {name!r}: {e}")
     if name in (BASE, base_name): raise BadRequest(f"Invalid adapter name {name!r}: it names the base model")
 
+def _wrap(model, path: Path, name: str) -> PeftModel:
+    "`model` in a `PeftModel` with an empty adapter `name` configured as in `path`: `from_pretrained` up to the weights."
+    config = LoraConfig.from_pretrained(str(path))
+    config.inference_mode = True
+    return MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(config.task_type, PeftModel)(model, config, name)
+
+def _take_out(model, name: str):
+    "Remove all that peft made of adapter `name` in `model`, however far it got, and unwrap the modules it leaves empty."
+    if isinstance(model, PeftModel) and name in model.peft_config: model.delete_adapter(name)
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    for key, module in list(base.named_modules()):
+        if not isinstance(module, BaseTunerLayer): continue
+        if name in module._all_available_adapter_names(): module.delete_adapter(name)
+        if not module._all_available_adapter_names():          # wrapped for this adapter alone: put the layer back
+            parent, _, attr = key.rpartition(".")
+            setattr(base.get_submodule(parent), attr, module.get_base_layer())
+    if not isinstance(model, PeftModel): base.__dict__.pop("peft_config", None)   # a bare base is bare again
+
 @patch
 def _load(self: Engine, name: str, path: Path):
-    "On the model thread: check, load, and on any failure delete what peft made of the adapter."
+    "On the model thread: check, load, and on any failure take out all that peft made of the adapter."
     if name in self.adapters: raise ServerError(f"Adapter {name!r} is already loaded", 409)
     check_adapter_name(name, self.base_name)
     check_adapter(self.model, path)
+    model = self.model                                  # a bare base stays self.model until its first load succeeds
     try:
-        if not isinstance(self.model, PeftModel):
-            self.model = PeftModel.from_pretrained(self.model, str(path), adapter_name=name)
-        else:
-            left = [k for k in self.model.load_adapter(str(path), adapter_name=name).unexpected_keys if "lora_" in k]
-            if left: raise BadRequest(f"Adapter weights peft could not place: {left[:3]}")
+        if not isinstance(model, PeftModel): model = _wrap(model, path, name)
+        left = [k for k in model.load_adapter(str(path), adapter_name=name).unexpected_keys if "lora_" in k]
+        if left: raise BadRequest(f"Adapter weights peft could not place: {left[:3]}")
     except Exception as e:
-        if name in self.adapters: self.model.delete_adapter(name)
+        model = None
+        _take_out(self.model, name)
         gc.collect()
         if isinstance(e, ServerError): raise
         raise BadRequest(f"Adapter {name!r} does not load: {type(e).__name__}: {str(e)[:300]}")
+    self.model = model
     self.model.eval()
 
 # %% ../nbs/07_engine.ipynb #701cddf7

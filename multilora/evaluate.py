@@ -53,17 +53,17 @@ def rouge_scores(predictions: list[str], references: list[str], use_stemmer: boo
 class SQLExecutionError(Exception):
     "A query that could not be run: malformed, not allowed, too slow or too large."
 
+_SQL_WORKER = r'''
+"Runs untrusted SQLite queries: `run_query` under SQLite's locks, `serve` as a worker answering over stdin/stdout."
+import pickle, sqlite3, struct, sys, time
+
 _ALLOWED = {sqlite3.SQLITE_SELECT, sqlite3.SQLITE_READ, sqlite3.SQLITE_FUNCTION, sqlite3.SQLITE_RECURSIVE}
 
 def _authorizer(action, *args): return sqlite3.SQLITE_OK if action in _ALLOWED else sqlite3.SQLITE_DENY
 
-def execute_sql(db_path, sql: str, timeout: float = 5.0, max_rows: int = 100_000,
-                max_value_bytes: int = 1_000_000) -> list[tuple]:
-    "The rows `sql` returns on the SQLite file `db_path`, run read-only, as one statement, within `timeout` seconds."
-    db_path = Path(db_path)
-    if not db_path.is_file(): raise FileNotFoundError(f"No SQLite database at {db_path}")
-    if not sql or not sql.strip(): raise SQLExecutionError("empty query")
-    con = sqlite3.connect(db_path.resolve().as_uri() + "?mode=ro", uri=True, timeout=timeout)
+def run_query(uri, sql, timeout, max_rows, max_value_bytes):
+    "('ok', rows) or ('error', why) for `sql` on the read-only database `uri`; MemoryError propagates."
+    con = sqlite3.connect(uri, uri=True, timeout=timeout)
     try:
         con.execute("PRAGMA query_only = ON")
         con.set_authorizer(_authorizer)
@@ -73,14 +73,122 @@ def execute_sql(db_path, sql: str, timeout: float = 5.0, max_rows: int = 100_000
             con.setlimit(sqlite3.SQLITE_LIMIT_SQL_LENGTH, 100_000)
         deadline = time.monotonic() + timeout
         con.set_progress_handler(lambda: int(time.monotonic() > deadline), 1000)
-        try:
-            rows = con.execute(sql).fetchmany(max_rows + 1)
+        try: rows = con.execute(sql).fetchmany(max_rows + 1)
+        except MemoryError: raise
         except Exception as e:  # sqlite3.Error, Warning, OverflowError, ...: all mean "this query does not run"
-            msg = "timed out" if time.monotonic() > deadline else f"{type(e).__name__}: {e}"
-            raise SQLExecutionError(msg) from e
-        if len(rows) > max_rows: raise SQLExecutionError(f"more than {max_rows} rows")
-        return rows
+            return "error", "timed out" if time.monotonic() > deadline else f"{type(e).__name__}: {e}"
+        if len(rows) > max_rows: return "error", f"more than {max_rows} rows"
+        return "ok", rows
     finally: con.close()
+
+def _send(out, data: bytes):
+    out.write(struct.pack(">Q", len(data)) + data)
+    out.flush()
+
+def serve():
+    "Answer length-prefixed pickled queries from stdin on stdout, each under its own address-space limit."
+    import resource
+    inp, out = sys.stdin.buffer, sys.stdout.buffer
+    hard = resource.getrlimit(resource.RLIMIT_AS)[1]
+    _send(out, pickle.dumps(("ready", None)))
+    while header := inp.read(8):
+        query = pickle.loads(inp.read(struct.unpack(">Q", header)[0]))
+        limit, max_reply = query.pop("max_memory_bytes"), query.pop("max_result_bytes")
+        resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+        try:
+            reply = pickle.dumps(run_query(**query))
+            if len(reply) > max_reply: reply = pickle.dumps(("error", f"the rows take more than {max_reply:,} bytes"))
+        except MemoryError: reply = pickle.dumps(("error", f"out of memory: the query needs more than {limit:,} bytes"))
+        _send(out, reply)
+'''
+
+_in_process = {}
+exec(_SQL_WORKER, _in_process)
+
+# %% ../nbs/05_evaluation.ipynb #f5e0c8a3
+import atexit, io, os, pickle, select, struct, subprocess, sys, threading, warnings
+
+class _PlainUnpickler(pickle.Unpickler):
+    "Loads plain data only (numbers, strings, bytes, None, tuples, lists): never imports or calls anything."
+    def find_class(self, module, name): raise pickle.UnpicklingError(f"{module}.{name} is not plain data")
+
+class _SQLWorker:
+    "The worker process that runs `execute_sql`'s queries: started on first use, and again after it was killed."
+    def __init__(self): self.proc, self.owner, self.lock = None, None, threading.Lock()
+
+    def _start(self):
+        self.proc = subprocess.Popen([sys.executable, "-I", "-S", "-c", _SQL_WORKER + "\nserve()"],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
+        self.owner = os.getpid()                # a forked child must not share its parent's worker
+        if self._receive(time.monotonic() + 60, 64) != ("ready", None):
+            raise RuntimeError(f"The SQL worker did not start (exit status {self.stop()})")
+
+    def stop(self) -> int | None:
+        "Kill the worker, if this process started one; its exit status."
+        code = None
+        if self.proc is not None and self.owner == os.getpid():
+            self.proc.kill()
+            code = self.proc.wait()
+            self.proc.stdin.close()
+            self.proc.stdout.close()
+        self.proc = None
+        return code
+
+    def _read(self, n: int, deadline: float) -> bytes | None:
+        "`n` bytes from the worker, or None if they are not all there by `deadline`."
+        fd, chunks = self.proc.stdout.fileno(), []
+        while n:
+            if not select.select([fd], [], [], max(0.0, deadline - time.monotonic()))[0]: return None
+            chunk = os.read(fd, min(n, 1 << 20))
+            if not chunk: return None                                  # the worker is gone
+            chunks.append(chunk)
+            n -= len(chunk)
+        return b"".join(chunks)
+
+    def _receive(self, deadline: float, max_bytes: int):
+        "The worker's next message, or None if it does not come by `deadline` or is longer than `max_bytes`."
+        header = self._read(8, deadline)
+        size = None if header is None else struct.unpack(">Q", header)[0]
+        data = None if size is None or size > max_bytes else self._read(size, deadline)
+        return None if data is None else _PlainUnpickler(io.BytesIO(data)).load()
+
+    def run(self, query: dict, wait: float) -> tuple:
+        "('ok', rows) or ('error', why) for `query`; a worker that has not answered within `wait` seconds is killed."
+        with self.lock:
+            if self.proc is None or self.owner != os.getpid() or self.proc.poll() is not None: self._start()
+            data = pickle.dumps(query)
+            try: self.proc.stdin.write(struct.pack(">Q", len(data)) + data)
+            except BrokenPipeError: pass                                # it died: the read below says so
+            deadline = time.monotonic() + wait
+            reply = self._receive(deadline, query["max_result_bytes"] + 1024)
+            if reply is not None: return reply
+            timed_out = time.monotonic() >= deadline
+            code = self.stop()
+            if timed_out: return "error", f"timed out: no answer within {wait:.1f} s, the query was killed"
+            return "error", f"the SQL worker died (exit status {code})"
+
+_worker = _SQLWorker() if os.name == "posix" else None     # POSIX: `resource` and `select` on pipes
+if _worker is not None: atexit.register(_worker.stop)
+_KILL_AFTER = 0.5                                         # seconds past `timeout` before the worker is killed
+
+# %% ../nbs/05_evaluation.ipynb #a29ee60e
+def execute_sql(db_path, sql: str, timeout: float = 5.0, max_rows: int = 100_000, max_value_bytes: int = 1_000_000,
+                max_memory_bytes: int = 512_000_000, max_result_bytes: int = 64_000_000) -> list[tuple]:
+    "The rows `sql` returns on the SQLite file `db_path`: read-only, one statement, in a worker, within `timeout` s."
+    db_path = Path(db_path)
+    if not db_path.is_file(): raise FileNotFoundError(f"No SQLite database at {db_path}")
+    if not sql or not sql.strip(): raise SQLExecutionError("empty query")
+    query = dict(uri=db_path.resolve().as_uri() + "?mode=ro", sql=sql, timeout=timeout, max_rows=max_rows,
+                 max_value_bytes=max_value_bytes)
+    if _worker is not None:
+        status, value = _worker.run(dict(query, max_memory_bytes=max_memory_bytes, max_result_bytes=max_result_bytes),
+                                    timeout + _KILL_AFTER)
+    else:
+        warnings.warn("Not POSIX: SQL runs in this process, under SQLite's locks only (no memory limit, no hard kill)")
+        try: status, value = _in_process["run_query"](**query)
+        except MemoryError: status, value = "error", "out of memory"
+    if status != "ok": raise SQLExecutionError(value)
+    return value
 
 # %% ../nbs/05_evaluation.ipynb #9e6f1f2d
 _SQL_TOKEN = re.compile(r"'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"|`[^`]*`|\[[^\]]*\]|\d+\.\d*|\.\d+|\w+|<=|>=|<>|!=|==|\|\||\S")

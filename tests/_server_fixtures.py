@@ -19,13 +19,18 @@ def loaded(adapter_root):
     return load_for_serving(adapter_root/"serving")   # model, tokenizer, base name, templates
 
 @pytest.fixture
+def bare():
+    "A fresh bare base model (no adapters, not a peft model), for one test: loading an adapter changes it."
+    return load_for_serving(None)
+
+@pytest.fixture
 def make_server(loaded, adapter_root):
-    "Start a server with an engine of our choice; stops (and drains) it after the test."
+    "Start a server with an engine of our choice, on `served` (else alpha and beta's model); stops and drains it after."
     servers = []
-    def start(engine="batched", app_kw=None, **engine_kw):
-        model, tok, name, templates = loaded
+    def start(engine="batched", app_kw=None, served=None, **engine_kw):
+        model, tok, name, templates = served or loaded
         eng = make_engine(model, tok, engine, base_name=name, **engine_kw)
-        srv = BackgroundServer(create_app(eng, adapter_root=adapter_root, **(app_kw or {})))
+        srv = BackgroundServer(create_app(eng, **{"adapter_root": adapter_root, **(app_kw or {})}))
         url = srv.__enter__(); servers.append(srv)
         return url, eng
     yield start

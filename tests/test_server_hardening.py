@@ -2,7 +2,8 @@
 import gc, http.client, json, shutil
 import httpx, pytest, torch
 from safetensors.torch import load_file, save_file
-from _server_fixtures import adapter_root, loaded, make_server
+from peft import PeftModel
+from _server_fixtures import adapter_root, bare, loaded, make_server
 
 def post(url, path, body, timeout=120):
     "POST `body` as ASCII JSON, so lone surrogates travel as `\\ud800` escapes, as a hostile client sends them."
@@ -95,6 +96,40 @@ def test_failed_load_is_rolled_back(make_server, adapter_root):
     assert complete(url, "dora").status_code == 404
     assert answers(url) == {"alpha": " alpha alpha alpha", "beta": " beta beta beta"}
     assert not any(n.endswith(".dora") or ".dora." in n for n, _ in eng.model.named_parameters())
+
+# r=512 on 59 modules (~115 MB of LoRA weights), then rank 0 for the last k_proj: peft fails after wrapping all the others
+FAILS_LATE = {"r": 512, "target_modules": ["q_proj", "k_proj", "lm_head"],
+              "rank_pattern": {"lm_head": 1, "layers.29.self_attn.k_proj": 0}}
+
+def test_first_adapter_on_a_bare_base_is_all_or_nothing(make_server, bare, adapter_root):
+    "The first load wraps the bare base in peft; failing after that, it leaves the server exactly as it was."
+    model, base = bare[0], bare[2]
+    url, eng = make_server("batched", served=bare)
+    def layout(): return ({n: type(m).__name__ for n, m in model.named_modules()},
+                          {n: (tuple(p.shape), p.dtype) for n, p in model.named_parameters()}, sorted(model.__dict__))
+    before, said = layout(), complete(url, base).json()["choices"][0]["text"]
+    assert listed(url) == [base] and eng.adapters == []
+    unplaced = lambda w: {**w, H + "lora_magnitude_vector.weight": torch.ones(49152)}
+    cases = [(bad_adapter(adapter_root, "late", FAILS_LATE), "positive integer value"),
+             (bad_adapter(adapter_root, "unplaced", weights=unplaced), "could not place")]
+    for path, _ in cases: post(url, "/v1/load_lora_adapter", {"lora_name": "first", "lora_path": path})   # warm-up
+    gc.collect()
+    rss = rss_mb()
+    for _ in range(2):
+        for path, words in cases:
+            r = post(url, "/v1/load_lora_adapter", {"lora_name": "first", "lora_path": path})
+            assert r.status_code == 400 and words in r.json()["error"]["message"], (path, r.text)
+            assert listed(url) == [base] and eng.adapters == [] and eng.model is model
+            assert not isinstance(eng.model, PeftModel)
+            assert layout() == before, path                  # no module left wrapped, no peft_config on the base
+    gc.collect()
+    assert rss_mb() - rss < 50, "a failed first load left memory behind"
+    assert complete(url, base).json()["choices"][0]["text"] == said and complete(url, "first").status_code == 404
+    # and a good first adapter still loads, next to the base as it was
+    assert post(url, "/v1/load_lora_adapter", {"lora_name": "first", "lora_path": "extra/gamma"}).status_code == 200
+    assert listed(url) == [base, "first"] and isinstance(eng.model, PeftModel)
+    assert complete(url, "first").json()["choices"][0]["text"] == " gamma gamma gamma"
+    assert complete(url, base).json()["choices"][0]["text"] == said
 
 def test_bad_adapter_on_the_fast_engine(make_server, adapter_root):
     url, eng = make_server("fast")
