@@ -4,16 +4,16 @@
 
 # %% ../nbs/01_adapters.ipynb #83ce6fcc
 from __future__ import annotations
-import json, os, re, shutil, string, tempfile, dataclasses
+import copy, json, os, re, shutil, string, tempfile, dataclasses
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 from typing import Any
 
 # %% auto #0
-__all__ = ['SUMMARIZATION_TEMPLATE', 'SQL_TEMPLATE', 'ALL_PROJECTIONS', 'MANIFEST', 'PromptTemplate', 'Task',
-           'summarization_task', 'sql_task', 'adapter_names', 'adapter_parameters', 'trainable_parameters_table',
-           'print_trainable_parameters', 'attach_adapters', 'activate_adapter', 'save_adapters', 'read_manifest',
-           'saved_templates', 'load_adapters']
+__all__ = ['SUMMARIZATION_TEMPLATE', 'SQL_TEMPLATE', 'METRICS', 'ALL_PROJECTIONS', 'TASK_PRESETS', 'BUILTIN_TASKS', 'MANIFEST',
+           'PromptTemplate', 'Task', 'register_task', 'task_preset', 'summarization_task', 'sql_task', 'adapter_names',
+           'adapter_parameters', 'trainable_parameters_table', 'print_trainable_parameters', 'attach_adapters',
+           'activate_adapter', 'save_adapters', 'read_manifest', 'saved_templates', 'load_adapters']
 
 # %% ../nbs/01_adapters.ipynb #abc0ba9b
 import torch
@@ -69,10 +69,11 @@ SQL_TEMPLATE = PromptTemplate(
 # %% ../nbs/01_adapters.ipynb #0884e22e
 _LORA_FIELDS = {f.name for f in dataclasses.fields(LoraConfig)}
 _NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
+METRICS = ("rouge", "sql")   # how evaluation scores a task: ROUGE against the reference, or running the SQL
 
 @dataclass
 class Task:
-    "A named task: LoRA hyper-parameters, prompt template, dataset and sampling overrides."
+    "A named task: LoRA hyper-parameters, prompt template, dataset, sampling overrides and evaluation metric."
     name: str
     template: PromptTemplate | None = None
     dataset: Any = None                     # a datasets.Dataset/DatasetDict, a list of dicts, or a spec `load_task_data` understands
@@ -83,6 +84,7 @@ class Task:
     lora_kwargs: dict = field(default_factory=dict)  # any other LoraConfig field: use_rslora, init_lora_weights, bias, ...
     sampling_weight: float | None = None    # overrides the temperature-sampling weight of this task
     learning_rate: float | None = None      # overrides the trainer's learning rate for this adapter
+    metric: str | None = None               # how evaluation scores it: one of METRICS, or None (not evaluated)
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not _NAME_RE.fullmatch(self.name):
@@ -95,6 +97,8 @@ class Task:
             raise ValueError(f"Task {self.name!r}: sampling_weight must be > 0, got {self.sampling_weight}")
         if self.learning_rate is not None and not self.learning_rate > 0:
             raise ValueError(f"Task {self.name!r}: learning_rate must be > 0, got {self.learning_rate}")
+        if self.metric is not None and self.metric not in METRICS:
+            raise ValueError(f"Task {self.name!r}: unknown metric {self.metric!r}; valid: {', '.join(METRICS)} or None")
         unknown = set(self.lora_kwargs) - _LORA_FIELDS
         if unknown: raise ValueError(f"Task {self.name!r}: unknown LoraConfig field(s) {sorted(unknown)}")
         if isinstance(self.target_modules, tuple): self.target_modules = list(self.target_modules)
@@ -106,16 +110,34 @@ class Task:
 
 # %% ../nbs/01_adapters.ipynb #9849a037
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+TASK_PRESETS: dict[str, Task] = {}
+
+def register_task(task: Task) -> Task:
+    "Register `task` as the preset of its name, so `task_preset(task.name)` builds on it."
+    TASK_PRESETS[task.name] = task
+    return task
+
+def task_preset(name: str, dataset=None, **overrides) -> Task:
+    "A fresh copy of the preset `name` on `dataset` (None: the preset's own), with `overrides` of any other field."
+    if name not in TASK_PRESETS: raise ValueError(f"Unknown task preset {name!r}; registered: {', '.join(TASK_PRESETS)}")
+    p = TASK_PRESETS[name]
+    fresh = {"target_modules": copy.copy(p.target_modules), "lora_kwargs": dict(p.lora_kwargs)}
+    return dataclasses.replace(p, **fresh, **({} if dataset is None else {"dataset": dataset}), **overrides)
+
+# %% ../nbs/01_adapters.ipynb #3ce4497b
+BUILTIN_TASKS = tuple(register_task(t).name for t in (
+    Task("summarization", SUMMARIZATION_TEMPLATE, "builtin:summarization", r=16, lora_alpha=32,
+         target_modules=["q_proj", "v_proj"], metric="rouge"),
+    Task("sql_generation", SQL_TEMPLATE, "builtin:sql_generation", r=32, lora_alpha=64,
+         target_modules=list(ALL_PROJECTIONS), metric="sql")))
 
 def summarization_task(dataset=None, **overrides) -> Task:
-    "The seed's summarization task: r=16, alpha=32 on the q and v projections."
-    return Task(**{"name": "summarization", "template": SUMMARIZATION_TEMPLATE, "dataset": dataset,
-                   "r": 16, "lora_alpha": 32, "target_modules": ["q_proj", "v_proj"], **overrides})
+    "The seed's summarization task: r=16, alpha=32 on the q and v projections, scored with ROUGE."
+    return task_preset("summarization", dataset, **overrides)
 
 def sql_task(dataset=None, **overrides) -> Task:
-    "The seed's text-to-SQL task: r=32, alpha=64 on all seven projections."
-    return Task(**{"name": "sql_generation", "template": SQL_TEMPLATE, "dataset": dataset,
-                   "r": 32, "lora_alpha": 64, "target_modules": ALL_PROJECTIONS, **overrides})
+    "The seed's text-to-SQL task: r=32, alpha=64 on all seven projections, scored by running its SQL."
+    return task_preset("sql_generation", dataset, **overrides)
 
 # %% ../nbs/01_adapters.ipynb #ccbbd2cb
 def adapter_names(model) -> list[str]:
@@ -182,6 +204,7 @@ def activate_adapter(model, name: str) -> PeftModel:
 MANIFEST = "multilora.json"
 
 def _template_dict(t): return asdict(t) if isinstance(t, PromptTemplate) else None
+def _data_spec(d): return str(d) if isinstance(d, (str, os.PathLike)) else None   # a spec is worth saving, data is not
 
 def save_adapters(model, directory: str | os.PathLike, tasks: list[Task] | None = None, names: list[str] | None = None) -> Path:
     "Save adapters (all by default) as `directory/<name>/adapter_{config.json,model.safetensors}`, plus a manifest."
@@ -202,15 +225,17 @@ def save_adapters(model, directory: str | os.PathLike, tasks: list[Task] | None 
     manifest = read_manifest(directory) if (directory/MANIFEST).exists() else {"adapters": {}}
     manifest["base_model"] = model.peft_config[names[0]].base_model_name_or_path
     for n in names:
-        t = by_name.get(n)
-        manifest["adapters"][n] = {"template": _template_dict(t.template) if t else manifest["adapters"].get(n, {}).get("template"),
-                                   "sampling_weight": t.sampling_weight if t else None}
+        t, old = by_name.get(n), manifest["adapters"].get(n, {})
+        manifest["adapters"][n] = ({"template": _template_dict(t.template), "sampling_weight": t.sampling_weight,
+                                    "metric": t.metric, "dataset": _data_spec(t.dataset)} if t else
+                                   {"template": old.get("template"), "sampling_weight": None,
+                                    "metric": old.get("metric"), "dataset": old.get("dataset")})
     (directory/MANIFEST).write_text(json.dumps(manifest, indent=2))
     return directory
 
 # %% ../nbs/01_adapters.ipynb #5847a23e
 def read_manifest(directory: str | os.PathLike) -> dict:
-    "The multilora manifest of an adapters folder (templates per adapter), or one inferred from the sub-folders."
+    "An adapters folder's multilora manifest (template, metric, data spec per adapter), else one inferred from its folders."
     directory = Path(directory)
     if (directory/MANIFEST).exists(): return json.loads((directory/MANIFEST).read_text())
     return {"adapters": {p.name: {"template": None} for p in sorted(directory.iterdir()) if (p/"adapter_config.json").exists()}}

@@ -5,7 +5,6 @@
 # %% ../nbs/10_benchmarks.ipynb #67b92d36
 from __future__ import annotations
 import json, math, os, random, re, shutil, subprocess, sys, tempfile, time
-from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -22,7 +21,7 @@ import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from .model import (cache_dir, ensure_pad_token, load_base_model, load_tokenizer, prepare_for_training,
                              _atomic_folder)
-from .adapters import Task, attach_adapters, activate_adapter, adapter_parameters
+from .adapters import BUILTIN_TASKS, task_preset, attach_adapters, activate_adapter, adapter_parameters
 from .data import CompletionCollator, IGNORE_INDEX, builtin_tasks, tokenize_task
 from .train import MultiLoRATrainer, TrainConfig, _device_settings
 
@@ -60,7 +59,7 @@ def random_model(shape: str = "tiny", out: str | os.PathLike | None = None, toke
 
 # %% ../nbs/10_benchmarks.ipynb #74081404
 def random_adapters(base_model: str | os.PathLike, out: str | os.PathLike, seed: int = 0, std: float = 0.02) -> Path:
-    "Two adapters with random weights for the model folder `base_model`: summarization (r=16, q/v), SQL (r=32, all)."
+    "The built-in presets' adapters with random weights for the model folder `base_model` (r=16 on q/v, r=32 on all)."
     from peft import LoraConfig
     from safetensors.torch import save_file
     cfg = LlamaConfig.from_pretrained(base_model)
@@ -71,9 +70,10 @@ def random_adapters(base_model: str | os.PathLike, out: str | os.PathLike, seed:
               "gate_proj": (I, D), "up_proj": (I, D), "down_proj": (D, I)}
     g = torch.Generator().manual_seed(seed)
     out = Path(out)
-    for name, r, targets in (("summarization", 16, ["q_proj", "v_proj"]), ("sql_generation", 32, list(shapes))):
+    for task in map(task_preset, BUILTIN_TASKS):
+        name, r, targets = task.name, task.r, task.target_modules
         (out/name).mkdir(parents=True, exist_ok=True)
-        LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=targets, task_type="CAUSAL_LM",
+        LoraConfig(r=r, lora_alpha=task.lora_alpha, lora_dropout=0.0, target_modules=targets, task_type="CAUSAL_LM",
                    base_model_name_or_path=str(base_model)).save_pretrained(out/name)
         w = {}
         for i in range(cfg.num_hidden_layers):
@@ -263,14 +263,6 @@ def _reset_peak():
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
 
-_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-def _bench_tasks() -> list[Task]:
-    "The built-in tasks with the GPU figures' adapters: r=16 on q/v for summarization, r=32 on all projections for SQL."
-    summarization, sql = builtin_tasks()
-    return [replace(summarization, r=16, lora_alpha=32, target_modules=["q_proj", "v_proj"]),
-            replace(sql, r=32, lora_alpha=64, target_modules=list(_PROJECTIONS))]
-
 def _trainer_run(model, tok, tasks, data, steps, batch_size, max_length, warmup, group_by_length=True,
                  packing=False) -> dict:
     tmp = tempfile.mkdtemp(prefix="multilora-bench-train-")
@@ -294,7 +286,7 @@ def bench_train(base_model: str | os.PathLike | None = None, steps: int = 20, ba
     "Useful tokens/s and peak memory: the baseline's padded loop against multilora's trainer, in one process."
     if steps <= warmup: raise ValueError(f"steps ({steps}) must exceed warmup ({warmup})")
     base, tok = load_base_model(None if base_model is None else str(base_model))
-    tasks = _bench_tasks()
+    tasks = builtin_tasks()
     torch.manual_seed(0)
     model = attach_adapters(base, tasks, verbose=False)
     data = {t.name: tokenize_task(t, tok, "train", max_length, train_limit) for t in tasks}
@@ -561,7 +553,7 @@ def bench_profile(base_model: str | os.PathLike | None = None,
     "Where a training step's time goes: forward, backward and optimizer per (batch, tokens) shape, then one step's profile."
     from torch.profiler import profile, ProfilerActivity
     base, _ = load_base_model(None if base_model is None else str(base_model))
-    tasks = _bench_tasks()
+    tasks = builtin_tasks()
     model = attach_adapters(base, tasks, verbose=False)
     device = next(p for p in model.parameters() if p.is_floating_point()).device
     mp, gc = _device_settings(TrainConfig(), device.type)

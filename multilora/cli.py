@@ -68,11 +68,11 @@ def _cmd_demo(args):
 # %% ../nbs/09_cli.ipynb #d660ae04
 def _cmd_eval(args):
     "Score each adapter on its task's test split, against the other adapters and the base model."
-    from multilora.evaluate import evaluate_adapters, format_results
+    from multilora.evaluate import EvalConfig, evaluate_adapters, format_results
     from multilora.train import demo_adapters
     adapters = args.adapters or demo_adapters(progress=True)
-    res = evaluate_adapters(adapters, base_model=args.base, limit=args.limit, batch_size=args.batch_size, out_json=args.json, progress=True,
-                            engine=args.engine)
+    cfg = EvalConfig(limit=args.limit, batch_size=args.batch_size, engine=args.engine, progress=True)
+    res = evaluate_adapters(adapters, base_model=args.base, config=cfg, out_json=args.json)
     print(format_results(res))
     if args.json: print(f"results written to {args.json}")
 

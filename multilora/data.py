@@ -10,15 +10,15 @@ from typing import Any
 
 # %% auto #0
 __all__ = ['IGNORE_INDEX', 'SAMSUM_ID', 'SQL_CONTEXT_ID', 'MODEL_INPUTS', 'tokenize_example', 'load_samsum',
-           'load_sql_create_context', 'load_task_data', 'as_dataset_dict', 'tokenize_task', 'CompletionCollator',
-           'PackingCollator', 'model_inputs', 'batch_tokens', 'builtin_tasks', 'padding_share']
+           'load_sql_create_context', 'load_task_data', 'as_dataset_dict', 'task_split', 'tokenize_task',
+           'CompletionCollator', 'PackingCollator', 'model_inputs', 'batch_tokens', 'builtin_tasks', 'padding_share']
 
 # %% ../nbs/02_data.ipynb #6d2c799d
 import numpy as np
 import torch
 import datasets
 from datasets import Dataset, DatasetDict
-from .adapters import Task, PromptTemplate, summarization_task, sql_task
+from .adapters import Task, PromptTemplate, BUILTIN_TASKS, task_preset
 
 # %% ../nbs/02_data.ipynb #9a1d39d6
 IGNORE_INDEX = -100
@@ -84,21 +84,23 @@ def load_sql_create_context(repo_id: str = SQL_CONTEXT_ID, seed: int = 0, n_vali
     return DatasetDict(train=s["train"], validation=vt["train"], test=vt["test"])
 
 # %% ../nbs/02_data.ipynb #f5fb4d98
-def load_task_data(spec) -> Any:
+def load_task_data(spec, **kw) -> Any:
     "Task data from a spec: data itself, `builtin:NAME`, `hub:ID`, `samsum`, `sql-create-context`, or a local json/jsonl/csv/parquet file."
-    if not isinstance(spec, (str, os.PathLike)): return spec
+    if not isinstance(spec, (str, os.PathLike)):
+        if kw: raise ValueError(f"Loader options {sorted(kw)} need a data spec, not data")
+        return spec
     s = str(spec)
     if s.startswith("builtin:"):
         from multilora.builtin_data import load_builtin
-        return load_builtin(s.split(":", 1)[1])
-    if s in ("samsum", "hub:samsum"): return load_samsum()
-    if s in ("sql-create-context", "hub:sql-create-context"): return load_sql_create_context()
-    if s.startswith("hub:"): return _hub(s[4:], "summarization' or 'sql_generation")
+        return load_builtin(s.split(":", 1)[1], **kw)
+    if s in ("samsum", "hub:samsum"): return load_samsum(**kw)
+    if s in ("sql-create-context", "hub:sql-create-context"): return load_sql_create_context(**kw)
+    if s.startswith("hub:"): return _hub(s[4:], "summarization' or 'sql_generation", **kw)
     p = Path(s).expanduser()
     kinds = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
     if p.suffix in kinds:
         if not p.exists(): raise ValueError(f"Data file {p} does not exist")
-        return datasets.load_dataset(kinds[p.suffix], data_files=str(p))
+        return datasets.load_dataset(kinds[p.suffix], data_files=str(p), **kw)
     raise ValueError(f"Unknown data spec {s!r}: use builtin:summarization, builtin:sql_generation, samsum, "
                      "sql-create-context, hub:<dataset id>, or a .json/.jsonl/.csv/.parquet file")
 
@@ -115,14 +117,20 @@ def as_dataset_dict(data) -> DatasetDict:
     raise ValueError(f"Cannot use {type(data).__name__} as task data: pass a DatasetDict, a Dataset, a list of dicts, or a spec for `load_task_data`")
 
 # %% ../nbs/02_data.ipynb #32f51085
-def tokenize_task(task: Task, tokenizer, split: str = "train", max_length: int = 512, limit: int | None = None) -> Dataset:
-    "Tokenize one split of `task.dataset` with `task.template`, keeping the token columns and lengths."
-    if task.template is None: raise ValueError(f"Task {task.name!r} has no prompt template")
+def task_split(task: Task, split: str = "train", limit: int | None = None) -> Dataset:
+    "The first `limit` rows (None: all) of one split of `task.dataset`; a missing or empty split is an error."
+    if task.dataset is None: raise ValueError(f"Task {task.name!r} has no dataset")
     dd = as_dataset_dict(load_task_data(task.dataset))
     if split not in dd: raise ValueError(f"Task {task.name!r} has no {split!r} split; it has {list(dd)}")
     ds = dd[split]
     if limit is not None: ds = ds.select(range(min(limit, len(ds))))
     if len(ds) == 0: raise ValueError(f"Task {task.name!r}: the {split!r} split is empty")
+    return ds
+
+def tokenize_task(task: Task, tokenizer, split: str = "train", max_length: int = 512, limit: int | None = None) -> Dataset:
+    "Tokenize one split of `task.dataset` with `task.template`, keeping the token columns and lengths."
+    if task.template is None: raise ValueError(f"Task {task.name!r} has no prompt template")
+    ds = task_split(task, split, limit)
     def fn(row, idx):
         try: return tokenize_example(row, task.template, tokenizer, max_length)
         except ValueError as e: raise ValueError(f"Task {task.name!r}, {split} row {idx}: {e}") from None
@@ -202,10 +210,12 @@ def batch_tokens(batch: dict) -> int:
 
 # %% ../nbs/02_data.ipynb #b6f14b96
 def builtin_tasks(**sizes) -> list[Task]:
-    "The seed's two tasks on the built-in offline datasets."
-    from multilora.builtin_data import load_builtin
-    return [summarization_task(load_builtin("summarization", **sizes.get("summarization", {}))),
-            sql_task(load_builtin("sql_generation", **sizes.get("sql_generation", {})))]
+    "The built-in presets on their offline datasets, loaded; `sizes` gives a task's `load_builtin` sizes by its name."
+    unknown = set(sizes) - set(BUILTIN_TASKS)
+    if unknown: raise ValueError(f"Unknown built-in task(s) {sorted(unknown)}; valid: {', '.join(BUILTIN_TASKS)}")
+    tasks = [task_preset(n) for n in BUILTIN_TASKS]
+    for t in tasks: t.dataset = load_task_data(t.dataset, **sizes.get(t.name, {}))
+    return tasks
 
 # %% ../nbs/02_data.ipynb #89b2877a
 def padding_share(lengths, batch_size: int, pad_to: int | None = None, multiple: int = 8, seed: int = 0) -> float:

@@ -6,19 +6,21 @@
 from __future__ import annotations
 import contextlib, json, math, re, sqlite3, time
 from collections import Counter
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['ROUGE_TYPES', 'METRICS', 'clean_generation', 'rouge_scores', 'SQLExecutionError', 'execute_sql', 'sql_tokens',
-           'normalize_sql', 'has_order_by', 'results_match', 'execution_match', 'sql_metrics', 'generate_answers',
-           'fast_runner', 'evaluate_adapters', 'format_results', 'plot_results']
+__all__ = ['ROUGE_TYPES', 'ENGINES', 'clean_generation', 'rouge_scores', 'SQLExecutionError', 'execute_sql', 'sql_tokens',
+           'normalize_sql', 'has_order_by', 'results_match', 'execution_match', 'sql_metrics', 'resolve_task',
+           'EvalConfig', 'generate_answers', 'fast_runner', 'evaluate_adapters', 'format_results', 'plot_results']
 
 # %% ../nbs/05_evaluation.ipynb #61b1693a
 import torch
 from transformers import StoppingCriteriaList, StopStringCriteria
 from rouge_score import rouge_scorer
 from .model import load_base_model, generate
-from .adapters import load_adapters, saved_templates, adapter_names, SUMMARIZATION_TEMPLATE, SQL_TEMPLATE
+from .adapters import load_adapters, read_manifest, adapter_names, PromptTemplate, Task, METRICS, TASK_PRESETS, task_preset
+from .data import task_split
 from .builtin_data import load_builtin, sql_database_path
 from .engine import BASE
 
@@ -243,8 +245,6 @@ def sql_metrics(predictions: list[str], golds: list[str], db_paths, timeout: flo
     return {"execution_accuracy": ex / n, "exact_match": em / n, "error_rate": err / n}
 
 # %% ../nbs/05_evaluation.ipynb #be92382f
-METRICS = {"summarization": "rouge", "sql_generation": "sql"}
-_TEMPLATES = {"summarization": SUMMARIZATION_TEMPLATE, "sql_generation": SQL_TEMPLATE}
 _STOP = ["\n\n", "###"]
 
 def _db_for(row: dict) -> Path:
@@ -255,6 +255,41 @@ def _db_for(row: dict) -> Path:
 
 def _per_task(value, task, default=None):
     return value.get(task, default) if isinstance(value, dict) else (default if value is None else value)
+
+# %% ../nbs/05_evaluation.ipynb #f46b95ec
+_FACTS = ("template", "metric", "dataset")   # what evaluating a task reads from it
+
+def _first(*values): return next((v for v in values if v is not None), None)
+
+def resolve_task(task: str | Task, adapters_dir) -> Task:
+    "`task` (a name or a `Task`) with template, metric and dataset: its own, else its saved adapter's, else its preset's."
+    name = task.name if isinstance(task, Task) else task
+    saved = dict(read_manifest(adapters_dir)["adapters"].get(name, {}))
+    if saved.get("template"): saved["template"] = PromptTemplate(**saved["template"])
+    preset = task_preset(name) if name in TASK_PRESETS else Task(name)
+    own = task if isinstance(task, Task) else None
+    facts = {k: _first(getattr(own, k, None), saved.get(k), getattr(preset, k)) for k in _FACTS}
+    return replace(own or preset, **facts)
+
+# %% ../nbs/05_evaluation.ipynb #a98540fe
+ENGINES = ("auto", "fast", "generate")
+
+@dataclass
+class EvalConfig:
+    "How an evaluation runs: test rows and token budgets, batching, the split, the engine, and where SQL runs."
+    limit: int | dict | None = None           # the first n test rows: one n for every task, or {task: n}; None: all
+    max_new_tokens: int | dict | None = None  # the token budget, likewise; None: the longest reference + 8
+    batch_size: int = 8
+    split: str = "test"
+    timeout: float = 5.0                      # seconds a generated query may run
+    engine: str = "auto"                      # auto: the fast engine on a GPU where it supports the model; fast; generate
+    progress: bool = False
+    db_path: str | Path | None = None         # the database SQL runs on; None: each built-in row's own (its db_id)
+
+    def __post_init__(self):
+        if self.engine not in ENGINES: raise ValueError(f"Unknown engine {self.engine!r}; valid: {', '.join(ENGINES)}")
+        if not (isinstance(self.batch_size, int) and self.batch_size > 0):
+            raise ValueError(f"batch_size must be a positive int, got {self.batch_size!r}")
 
 # %% ../nbs/05_evaluation.ipynb #1f3b1332
 def generate_answers(model, tokenizer, prompts: list[str], adapter: str | None = None, max_new_tokens: int = 64,
@@ -306,65 +341,68 @@ def _score(kind: str, predictions, rows, references, db_path, timeout) -> dict:
                                                                             [dbs[i] for i in ix], timeout)}
                                            for g, ix in sorted(groups.items())}
         return scores
-    raise ValueError(f"Unknown metric {kind!r}; valid: rouge, sql")
+    raise ValueError(f"Unknown metric {kind!r}; valid: {', '.join(METRICS)}")
 
 def _mean(dicts: list[dict]) -> dict:
     return {k: sum(d[k] for d in dicts) / len(dicts) for k in dicts[0] if isinstance(dicts[0][k], (int, float))}
 
-def evaluate_adapters(adapters_dir, base_model=None, tasks=("summarization", "sql_generation"), variants=("own", "other", "base"),
-                      limit: int | dict | None = None, max_new_tokens: int | dict | None = None, batch_size: int = 8,
-                      out_json=None, data: dict | None = None, metrics: dict | None = None, db_path=None,
-                      split: str = "test", timeout: float = 5.0, progress: bool = False, engine: str = "auto") -> dict:
+def _check_tasks(tasks: list[Task]):
+    "Every task has what scoring it needs, or an error says which task lacks what."
+    hints = {"metric": f"metric= one of {', '.join(METRICS)}", "dataset": "dataset=", "template": "template="}
+    for fact, hint in hints.items():
+        lacking = [t.name for t in tasks if getattr(t, fact) is None]
+        if lacking: raise ValueError(f"No {fact} for task(s) {lacking}: pass them as Task objects with {hint}")
+
+def evaluate_adapters(adapters_dir, base_model=None, tasks=None, variants=("own", "other", "base"),
+                      config: EvalConfig | None = None, out_json=None) -> dict:
     "Score each task's test split with its own adapter, the other adapters and the bare base: {task: {variant: metrics}}."
-    adapters_dir = Path(adapters_dir)
+    adapters_dir, cfg = Path(adapters_dir), config or EvalConfig()
     unknown = set(variants) - {"own", "other", "base"}
     if unknown: raise ValueError(f"Unknown variant(s) {sorted(unknown)}; valid: own, other, base")
-    templates = saved_templates(adapters_dir)
-    missing = [t for t in tasks if t not in templates]
-    if missing: raise ValueError(f"No adapter for task(s) {missing} in {adapters_dir}; it holds {sorted(templates)}")
-    kinds = {t: (metrics or {}).get(t, METRICS.get(t)) for t in tasks}
-    if None in kinds.values(): raise ValueError(f"No metric for task(s) {[t for t, k in kinds.items() if k is None]}: pass metrics={{task: 'rouge'|'sql'}}")
+    held = list(read_manifest(adapters_dir)["adapters"])
+    tasks = held if tasks is None else list(tasks)    # names or Task objects; None: every adapter in the folder
+    missing = [n for n in (t.name if isinstance(t, Task) else t for t in tasks) if n not in held]
+    if missing: raise ValueError(f"No adapter for task(s) {missing} in {adapters_dir}; it holds {sorted(held)}")
+    tasks = [resolve_task(t, adapters_dir) for t in tasks]
+    _check_tasks(tasks)
     # one base model, every adapter of the folder on it
     if isinstance(base_model, tuple): model, tok = base_model
     else: model, tok = load_base_model(base_model)
     have = set(getattr(model, "peft_config", {}))
-    if not set(templates) <= have: model = load_adapters(model, adapters_dir, names=sorted(set(templates) - have))
+    if not set(held) <= have: model = load_adapters(model, adapters_dir, names=sorted(set(held) - have))
     model.eval()
     plans = {}
     for task in tasks:
-        template = templates[task] or _TEMPLATES[task]
-        ds = (data or {}).get(task)
-        if ds is None: ds = load_builtin(task)
-        ds = ds[split] if hasattr(ds, "keys") else ds
-        n = _per_task(limit, task)
-        rows = list(ds.select(range(min(n, len(ds))))) if n else list(ds)
-        prompts = [template.render_prompt(r, tok) for r in rows]
-        refs = [template.render_completion(r) for r in rows]
-        budget = _per_task(max_new_tokens, task) or max(len(tok(r, add_special_tokens=False)["input_ids"]) for r in refs) + 8
-        plans[task] = rows, prompts, refs, budget
+        rows = list(task_split(task, cfg.split, _per_task(cfg.limit, task.name)))
+        prompts = [task.template.render_prompt(r, tok) for r in rows]
+        refs = [task.template.render_completion(r) for r in rows]
+        budget = (_per_task(cfg.max_new_tokens, task.name)
+                  or max(len(tok(r, add_special_tokens=False)["input_ids"]) for r in refs) + 8)
+        plans[task.name] = task.metric, rows, prompts, refs, budget
     fast = None
-    if engine not in ("auto", "fast", "generate"): raise ValueError(f"Unknown engine {engine!r}; valid: auto, fast, generate")
-    if engine == "fast" or (engine == "auto" and next(model.parameters()).device.type == "cuda"):
-        longest = max(len(tok(p)["input_ids"]) + b for _, ps, _, b in plans.values() for p in ps)
-        fast = fast_runner(model, tok, longest, max_batch_size=max(batch_size, 64 if engine == "auto" else batch_size))
-        if fast is None and engine == "fast": raise ValueError("The fast engine does not support this model; use engine='generate'")
+    if cfg.engine == "fast" or (cfg.engine == "auto" and next(model.parameters()).device.type == "cuda"):
+        longest = max(len(tok(p)["input_ids"]) + b for _, _, ps, _, b in plans.values() for p in ps)
+        batch = max(cfg.batch_size, 64) if cfg.engine == "auto" else cfg.batch_size
+        fast = fast_runner(model, tok, longest, max_batch_size=batch)
+        if fast is None and cfg.engine == "fast":
+            raise ValueError("The fast engine does not support this model; use engine='generate'")
     results = {}
-    for task, (rows, prompts, refs, budget) in plans.items():
-        others = [a for a in templates if a != task]
-        plan = {"own": [task], "other": others, "base": [None]}
-        results[task] = {}
+    for name, (metric, rows, prompts, refs, budget) in plans.items():
+        others = [a for a in held if a != name]
+        plan = {"own": [name], "other": others, "base": [None]}
+        results[name] = {}
         for variant in variants:
             if not plan[variant]: continue  # a single adapter has no "other"
             per = {}
             for adapter in plan[variant]:
                 t0 = time.time()
-                preds, ran_on = generate_answers(model, tok, prompts, adapter, budget, batch_size, progress, fast)
-                scores = _score(kinds[task], preds, rows, refs, db_path, timeout)
+                preds, ran_on = generate_answers(model, tok, prompts, adapter, budget, cfg.batch_size, cfg.progress, fast)
+                scores = _score(metric, preds, rows, refs, cfg.db_path, cfg.timeout)
                 per[adapter or "__base__"] = {**scores, "run_on": sum(ran_on), "n": len(rows), "adapter": adapter,
                                               "max_new_tokens": budget, "seconds": round(time.time() - t0, 1),
                                               "predictions": preds, "ran_on": ran_on}
-            if len(per) == 1: results[task][variant] = next(iter(per.values()))
-            else: results[task][variant] = {**_mean(list(per.values())), "n": len(rows), "adapter": list(per), "per_adapter": per}
+            if len(per) == 1: results[name][variant] = next(iter(per.values()))
+            else: results[name][variant] = {**_mean(list(per.values())), "n": len(rows), "adapter": list(per), "per_adapter": per}
     if out_json is not None:
         Path(out_json).parent.mkdir(parents=True, exist_ok=True)
         Path(out_json).write_text(json.dumps(results, indent=2))
