@@ -10,9 +10,9 @@ from typing import Callable
 
 # %% auto #0
 __all__ = ['SHAPES', 'CLIENTS', 'VARIANT_TILINGS', 'random_model', 'random_adapters', 'baseline_train_loop', 'eval_summary',
-           'run_tutorial', 'format_tutorial', 'bench_train', 'format_train_bench', 'bench_ddp', 'format_ddp',
-           'bench_serve', 'bench_prompts', 'format_bench', 'bench_profile', 'format_profile', 'bench_kernels',
-           'format_kernel_bench', 'bench_diag', 'format_diag', 'bench_prefill', 'format_prefill',
+           'run_tutorial', 'format_tutorial', 'bench_train', 'format_train_bench', 'bench_fused', 'format_fused_bench',
+           'bench_ddp', 'format_ddp', 'bench_serve', 'bench_prompts', 'format_bench', 'bench_profile', 'format_profile',
+           'bench_kernels', 'format_kernel_bench', 'bench_diag', 'format_diag', 'bench_prefill', 'format_prefill',
            'bench_kernel_variants', 'format_kernel_variants']
 
 # %% ../nbs/10_benchmarks.ipynb #40c49ec5
@@ -23,7 +23,7 @@ from .model import (cache_dir, ensure_pad_token, load_base_model, load_tokenizer
                              _atomic_folder)
 from .adapters import BUILTIN_TASKS, task_preset, attach_adapters, activate_adapter, adapter_parameters
 from .data import CompletionCollator, IGNORE_INDEX, builtin_tasks, tokenize_task
-from .train import MultiLoRATrainer, TrainConfig, _device_settings
+from .train import MultiLoRATrainer, TrainConfig, _device_settings, demo_config, tasks_from_config
 
 # %% ../nbs/10_benchmarks.ipynb #677273ae
 SHAPES = {
@@ -332,6 +332,97 @@ def format_train_bench(res: dict) -> str:
     for k, v in res["runs"].items():
         pk = "-" if v["peak_memory_gb"] is None else f"{v['peak_memory_gb']:.2f}"
         lines.append(f"{k:<44} {v['batch_size']:>5} {v['useful_tokens_per_s']:>12.1f} {v['vs_baseline']:>10.2f}x {pk:>8}")
+    return "\n".join(lines)
+
+# %% ../nbs/10_benchmarks.ipynb #8e3316ed
+def _set_adapters(model, weights: dict[str, torch.Tensor]):
+    "Copy `weights` (name -> tensor, as `named_parameters` names them) into the model's adapters."
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for k, v in weights.items(): params[k].copy_(v)
+
+def _run_to_examples(trainer, targets: dict[str, int]) -> dict:
+    "Train with `trainer` until every task has seen its `targets` examples: wall time, records, steps, examples."
+    seen, records, batches = dict.fromkeys(targets, 0), [], trainer._batches()
+    _sync()
+    t0 = time.perf_counter()
+    while any(seen[t] < n for t, n in targets.items()):
+        idx = next(batches)
+        for r in trainer._step(idx):
+            seen[r["task"]] += r.get("examples", len(idx))            # an interleaved step is all one task's
+            records.append(r)
+        trainer.step += 1
+    _sync()
+    return {"wall_s": time.perf_counter() - t0, "records": records, "steps": trainer.step, "examples": seen}
+
+# %% ../nbs/10_benchmarks.ipynb #a0f0f6e4
+def bench_fused(base_model: str | os.PathLike | None = None, steps: int | None = None, batch_size: int | None = None,
+                fused_batch_size: int | None = None, max_length: int = 384, train_limit: int | None = None,
+                eval_examples: int = 16, packing: bool = False, output: str | os.PathLike | None = "bench_fused.json",
+                verbose: bool = True) -> dict:
+    "Interleaved and fused training steps side by side: useful tokens/s, wall time to the same examples, final losses."
+    on_gpu = torch.cuda.is_available()
+    steps = steps or (600 if on_gpu else 32)
+    demo = demo_config(steps)
+    tasks = tasks_from_config(demo["tasks"])
+    batch_size = batch_size or demo["train"]["batch_size"]
+    fused_batch_size = fused_batch_size or batch_size * len(tasks)
+    base, tok = load_base_model(None if base_model is None else str(base_model))
+    torch.manual_seed(0)
+    model = attach_adapters(base, tasks, verbose=False)
+    start = {k: p.detach().clone() for k, p in model.named_parameters() if ".lora_" in k}
+    data = {t.name: tokenize_task(t, tok, "train", max_length, train_limit) for t in tasks}
+    val = {t.name: tokenize_task(t, tok, "validation", max_length, eval_examples) for t in tasks}
+    train = {k: v for k, v in demo["train"].items() if k not in ("output_dir", "max_steps", "batch_size", "max_length")}
+    tmp = tempfile.mkdtemp(prefix="multilora-bench-fused-")
+    res = {"config": {"model": str(base_model or "embedded"), "device": _device_name(), "steps": steps,
+                      "batch_size": batch_size, "fused_batch_size": fused_batch_size, "max_length": max_length,
+                      "packing": packing, "temperature": train["temperature"], "lengths": _length_stats(data)},
+           "runs": {}}
+    try:
+        for mode, rows in (("interleaved", batch_size), ("fused", fused_batch_size)):
+            def trainer(name):
+                cfg = TrainConfig(output_dir=str(Path(tmp)/name), max_steps=math.ceil(steps * batch_size / rows),
+                                  batch_size=rows, max_length=max_length, packing=packing, fused=mode == "fused",
+                                  progress=False, **{**train, "checkpoint_every": 10**9})
+                return MultiLoRATrainer(model, tok, tasks, cfg, train_data=data, eval_data=val)
+            _set_adapters(model, start)
+            warm = trainer(f"{mode}-warmup")
+            warm._step(next(warm._batches()))
+            _set_adapters(model, start)
+            torch.manual_seed(0)
+            tr = trainer(mode)
+            targets = {t: math.ceil(p * steps * batch_size) for t, p in tr.sampler.probabilities.items()}
+            _reset_peak()
+            r = _run_to_examples(tr, targets)
+            last = {t: [x["loss"] for x in r["records"] if x["task"] == t and not x["skipped"]] for t in targets}
+            res["runs"][mode] = {
+                "rows_per_step": rows, "steps": r["steps"], "wall_s": round(r["wall_s"], 2),
+                "useful_tokens": sum(x["tokens"] for x in r["records"]),
+                "useful_tokens_per_s": round(sum(x["tokens"] for x in r["records"]) / r["wall_s"], 1),
+                "examples": r["examples"], "target_examples": targets, "updates": dict(tr.updates),
+                "final_train_loss": {t: round(float(np.mean(v[-max(1, len(v) // 4):])), 4) for t, v in last.items()},
+                "val_loss": {t: round(v, 4) for t, v in tr.evaluate_loss().items()}, "peak_memory_gb": _peak_gb()}
+    finally: shutil.rmtree(tmp, ignore_errors=True)
+    i, f = res["runs"]["interleaved"], res["runs"]["fused"]
+    res["fused_speedup"] = round(f["useful_tokens_per_s"] / i["useful_tokens_per_s"], 3)
+    res["fused_time_ratio"] = round(i["wall_s"] / f["wall_s"], 3)
+    return _report(res, format_fused_bench, verbose, output)
+
+def format_fused_bench(res: dict) -> str:
+    "The fused-step benchmark as a table."
+    c = res["config"]
+    tasks = list(res["runs"]["interleaved"]["examples"])
+    head = (f"{'run':<12} {'rows':>4} {'steps':>5} {'wall s':>7} {'useful tok/s':>12}  "
+            + "  ".join(f"{t[:14]:>14} ex/train/val" for t in tasks))
+    lines = [f"{c['model']} on {c['device']}: {c['steps']} interleaved steps of {c['batch_size']}, fused steps of "
+             f"{c['fused_batch_size']} rows, max_length {c['max_length']}{', packed' if c['packing'] else ''}",
+             head, "-" * len(head)]
+    for mode, r in res["runs"].items():
+        per = "  ".join(f"{r['examples'][t]:>9}/{r['final_train_loss'][t]:.3f}/{r['val_loss'][t]:.3f}" for t in tasks)
+        lines.append(f"{mode:<12} {r['rows_per_step']:>4} {r['steps']:>5} {r['wall_s']:>7.1f} "
+                     f"{r['useful_tokens_per_s']:>12.1f}  {per}")
+    lines.append(f"fused: {res['fused_speedup']:.2f}x the useful tokens/s, {res['fused_time_ratio']:.2f}x faster to the same examples")
     return "\n".join(lines)
 
 # %% ../nbs/10_benchmarks.ipynb #ddpcode1

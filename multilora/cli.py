@@ -37,7 +37,8 @@ def _cmd_train(args):
     from multilora.train import load_config, run_from_config
     t0 = time.time()
     overrides = {k: v for k, v in {"output_dir": args.output_dir, "max_steps": args.max_steps,
-                                   "batch_size": args.batch_size, "packing": True if args.packing else None}.items() if v is not None}
+                                   "batch_size": args.batch_size, "packing": True if args.packing else None,
+                                   "fused": True if args.fused else None}.items() if v is not None}
     trainer, summary = run_from_config(load_config(args.config), resume=args.resume, overrides=overrides)
     if trainer.acc.is_main_process:
         _save_plot(trainer, trainer.cfg.output_dir)
@@ -103,6 +104,11 @@ def _names(s: str) -> tuple[str, ...]: return tuple(s.split(","))
 def _bench_train(a):
     from multilora.bench import bench_train
     bench_train(a.base, steps=a.steps, batch_size=a.batch_size, output=a.json)
+
+def _bench_fused(a):
+    from multilora.bench import bench_fused
+    bench_fused(a.base, steps=a.steps, batch_size=a.batch_size, fused_batch_size=a.fused_batch_size,
+                train_limit=a.train_limit, packing=a.packing, output=a.json)
 
 def _bench_profile(a):
     from multilora.bench import bench_profile
@@ -190,6 +196,14 @@ def _bench_training_suites(suites):
     s.add_argument("--base", default=None, help=_BASE_HELP)
     s.add_argument("--steps", type=int, default=20, help="steps per loop")
     s.add_argument("--batch-size", type=int, default=16, help="examples per step")
+    s = _suite(suites, "fused", _bench_fused, "training: interleaved steps against fused multi-adapter steps")
+    s.add_argument("--base", default=None, help=_BASE_HELP)
+    s.add_argument("--steps", type=int, default=None,
+                   help="interleaved steps of the demo workload (default: 600 on a GPU, 32 on a CPU); fused: as many examples")
+    s.add_argument("--batch-size", type=int, default=None, help="examples per interleaved step (default: the demo's)")
+    s.add_argument("--fused-batch-size", type=int, default=None, help="rows per fused step (default: batch size x tasks)")
+    s.add_argument("--train-limit", type=int, default=None, help="use only the first N training examples of each task")
+    s.add_argument("--packing", action="store_true", help="pack each step's examples (both runs)")
     s = _suite(suites, "profile", _bench_profile, "where a training step's time goes")
     s.add_argument("--base", default=None, help=_BASE_HELP)
     s = _suite(suites, "ddp", _bench_ddp, "N training processes against one with the same global batch")
@@ -279,6 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=int, default=None, help="override [train] batch_size (per process)")
     t.add_argument("--packing", action="store_true",
                    help="pack each step's examples into rows of max_length tokens ([train] packing)")
+    t.add_argument("--fused", action="store_true",
+                   help="fused steps: rows of several tasks in one pass, each through its own adapter ([train] fused)")
     t.set_defaults(func=_cmd_train)
     e = sub.add_parser("eval", help="score adapters on their tasks' test splits vs other adapters and the base")
     e.add_argument("--adapters", default=None, help="adapters folder (default: the cached demo run's)")

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from .model import _atomic_folder, load_base_model, prepare_for_training, pick_compute_dtype, stop_token_ids
 from .adapters import Task, adapter_parameters, activate_adapter, attach_adapters, save_adapters, adapter_names
 from .data import CompletionCollator, PackingCollator, batch_tokens, model_inputs, tokenize_task, IGNORE_INDEX
-from .sampler import MultiTaskDataset, TemperatureBatchSampler
+from .sampler import FusedBatchSampler, MultiTaskDataset, TemperatureBatchSampler
 from fastcore.basics import patch
 
 
@@ -32,7 +32,7 @@ from fastcore.basics import patch
 class TrainConfig:
     "Hyper-parameters of an interleaved multi-adapter run."
     output_dir: str = "runs/multilora"
-    max_steps: int = 200                  # optimizer updates, summed over all adapters
+    max_steps: int = 200                  # optimizer updates summed over all adapters; with `fused`, fused steps
     batch_size: int = 4                   # examples per micro-batch (per process)
     grad_accum: int = 1                   # micro-batches per update, always of one task
     learning_rate: float = 2e-4           # default; a task's `learning_rate` overrides it for its adapter
@@ -45,6 +45,7 @@ class TrainConfig:
     max_length: int = 512
     group_by_length: bool = False         # batches of similar lengths (less padding); see the sampler chapter
     packing: bool = False                 # lay each step's examples end to end in rows of max_length tokens (no padding)
+    fused: bool = False                   # each step's rows mix tasks, one pass for all (chapter 4a, `multilora.fused`)
     train_limit: int | None = None        # use only the first N training examples of each task
     seed: int = 0
     checkpoint_every: int = 50
@@ -64,7 +65,7 @@ class TrainConfig:
         if not self.temperature > 0: raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if self.eval_every is not None and self.eval_every <= 0: raise ValueError("eval_every must be positive or None")
         if self.mixed_precision not in ("auto", "no", "bf16", "fp16"): raise ValueError("mixed_precision must be auto, no, bf16 or fp16")
-        for k in ("group_by_length", "packing", "progress"):
+        for k in ("group_by_length", "packing", "fused", "progress"):
             if not isinstance(getattr(self, k), bool): raise ValueError(f"{k} must be true or false, got {getattr(self, k)!r}")
 
     @classmethod
@@ -119,13 +120,18 @@ class MultiLoRATrainer:
             self.eval_data = {n: tokenize_task(t, tokenizer, "validation", config.max_length, config.eval_examples) for n, t in self.tasks.items()}
         self.dataset = MultiTaskDataset({n: self.train_data[n] for n in self.tasks})
         weights = {n: t.sampling_weight for n, t in self.tasks.items() if t.sampling_weight is not None} or None
-        self.sampler = TemperatureBatchSampler(self.dataset, batch_size=config.batch_size * config.grad_accum,
-                                               temperature=config.temperature, cap=config.cap, weights=weights, seed=config.seed,
-                                               num_replicas=self.acc.num_processes, rank=self.acc.process_index,
-                                               lengths=self.dataset.lengths() if config.group_by_length else None)
+        sampler = FusedBatchSampler if config.fused else TemperatureBatchSampler
+        self.sampler = sampler(self.dataset, batch_size=config.batch_size * config.grad_accum,
+                               temperature=config.temperature, cap=config.cap, weights=weights, seed=config.seed,
+                               num_replicas=self.acc.num_processes, rank=self.acc.process_index,
+                               lengths=self.dataset.lengths() if config.group_by_length else None)
         self.collate = PackingCollator(tokenizer, config.max_length) if config.packing else CompletionCollator(tokenizer)
         self._setup_model(model)
-        self.expected_updates = {n: max(1, math.ceil(config.max_steps * p)) for n, p in self.sampler.probabilities.items()}
+        if config.fused and self.acc.scaler is not None:
+            raise ValueError("fused steps update several adapters from one backward pass, which fp16's single loss scale "
+                             "cannot skip one adapter at a time: use mixed_precision='bf16' or 'no'")
+        shares = self.sampler.update_probabilities if config.fused else self.sampler.probabilities
+        self.expected_updates = {n: max(1, math.ceil(config.max_steps * p)) for n, p in shares.items()}
         self.schedulers = {n: torch.optim.lr_scheduler.LambdaLR(o.optimizer if hasattr(o, "optimizer") else o,
                                                                 lr_lambda(config.lr_schedule, self.expected_updates[n], config.warmup_steps))
                            for n, o in self.optimizers.items()}
@@ -158,7 +164,7 @@ def _train_step(self: MultiLoRATrainer, task: str, features: list[dict]) -> dict
     "One update of `task`'s adapter from one task-homogeneous draw, accumulated over micro-batches."
     activate_adapter(self.unwrapped, task)
     self.model.train()
-    bs, opt = self.cfg.batch_size, self.optimizers[task]
+    bs = self.cfg.batch_size
     micro = [self.collate(features[i:i + bs]) for i in range(0, len(features), bs)]
     world = self.acc.num_processes
     n_local = sum(int((m["labels"] != IGNORE_INDEX).sum()) for m in micro)
@@ -180,7 +186,17 @@ def _train_step(self: MultiLoRATrainer, task: str, features: list[dict]) -> dict
     if world > 1:                          # the step's loss over all ranks, and one verdict on skipping it
         stats = self.acc.reduce(torch.tensor([loss_sum, float(not finite)], device=self.acc.device), "sum")
         loss_sum, finite = float(stats[0]), bool(stats[1] == 0)
-    grad_norm = None
+    finite, grad_norm = self._update(task, finite)
+    tokens = sum(batch_tokens(m) for m in micro)
+    if world > 1: tokens = int(self.acc.reduce(torch.tensor(tokens, device=self.acc.device), "sum"))
+    return {"step": self.step + 1, "task": task, "loss": loss_sum if finite else float("nan"), "tokens": tokens,
+            "lr": self.schedulers[task].get_last_lr()[0], "grad_norm": grad_norm, "skipped": not finite}
+
+# %% ../nbs/04_training.ipynb #d3c5a120
+@patch
+def _update(self: MultiLoRATrainer, task: str, finite: bool) -> tuple[bool, float | None]:
+    "Clip and apply `task`'s accumulated gradient unless it is non-finite, then clear it; return (applied, grad norm)."
+    opt, grad_norm = self.optimizers[task], None
     if finite:  # the norm is measured even without clipping (max_norm=inf), to catch non-finite gradients
         grad_norm = float(self.acc.clip_grad_norm_(self.params[task], self.cfg.max_grad_norm or float("inf")))
         if self.acc.scaler is not None:  # fp16: the loss scaler skips inf/NaN steps itself and lowers its scale
@@ -193,10 +209,7 @@ def _train_step(self: MultiLoRATrainer, task: str, features: list[dict]) -> dict
         self.skipped[task] += 1
         warnings.warn(f"step {self.step + 1}: non-finite loss or gradient for {task!r}; its update is skipped and no weight changes")
     opt.zero_grad(set_to_none=True)
-    tokens = sum(batch_tokens(m) for m in micro)
-    if world > 1: tokens = int(self.acc.reduce(torch.tensor(tokens, device=self.acc.device), "sum"))
-    return {"step": self.step + 1, "task": task, "loss": loss_sum if finite else float("nan"), "tokens": tokens,
-            "lr": self.schedulers[task].get_last_lr()[0], "grad_norm": grad_norm, "skipped": not finite}
+    return finite, grad_norm
 
 # %% ../nbs/04_training.ipynb #a4cfff04
 def _sha256(path: Path) -> str:
@@ -345,15 +358,15 @@ def train(self: MultiLoRATrainer, resume: bool = False) -> dict:
     bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not (cfg.progress and self.acc.is_main_process), desc="training")
     try:
         while self.step < cfg.max_steps:
-            idx = next(batches)
-            task = self.sampler.task_of(idx)
-            rec = self._train_step(task, [self.dataset[i] for i in idx])
+            records = self._step(next(batches))
             self.step += 1
-            rec["elapsed"] = time.time() - t0
-            self.history.append(rec)
-            if log: log.write(json.dumps(rec) + "\n"); log.flush()
-            if not rec["skipped"]: ema[task] = rec["loss"] if task not in ema else 0.9 * ema[task] + 0.1 * rec["loss"]
-            tok_seen += rec["tokens"]
+            elapsed = time.time() - t0
+            for rec in records:
+                task, rec["elapsed"] = rec["task"], elapsed
+                self.history.append(rec)
+                if log: log.write(json.dumps(rec) + "\n"); log.flush()
+                if not rec["skipped"]: ema[task] = rec["loss"] if task not in ema else 0.9 * ema[task] + 0.1 * rec["loss"]
+                tok_seen += rec["tokens"]
             bar.update(1)
             bar.set_postfix_str(" ".join(f"{t[:10]}={v:.3f}" for t, v in ema.items()) + f" {tok_seen / (time.time() - t0):.0f} tok/s")
             if cfg.eval_every and self.step % cfg.eval_every == 0:
@@ -367,6 +380,16 @@ def train(self: MultiLoRATrainer, resume: bool = False) -> dict:
         if log: log.close()
     if self.acc.is_main_process: save_adapters(self.unwrapped, self.out/"adapters", tasks=list(self.tasks.values()))
     return self.summary()
+
+# %% ../nbs/04_training.ipynb #069e7895
+@patch
+def _step(self: MultiLoRATrainer, idx: list[int]) -> list[dict]:
+    "One step on the sampler's draw `idx`: the record of its task's update, or with `fused` one per task it holds."
+    features = [self.dataset[i] for i in idx]
+    if self.cfg.fused:
+        from multilora.fused import fused_step   # fused builds on this module, never the other way round
+        return fused_step(self, features)
+    return [self._train_step(self.sampler.task_of(idx), features)]
 
 # %% ../nbs/04_training.ipynb #618229b6
 @patch
