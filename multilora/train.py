@@ -427,17 +427,14 @@ def load_config(path) -> dict:
 
 # %% ../nbs/04_training.ipynb #6aed182a
 def tasks_from_config(specs: list[dict]) -> list[Task]:
-    "Tasks from config entries: a `preset` (summarization, sql_generation) and/or explicit fields, with `data` a data spec."
-    from multilora.adapters import summarization_task, sql_task, PromptTemplate
-    presets = {"summarization": summarization_task, "sql_generation": sql_task}
+    "Tasks from config entries: a registered `preset` (`task_preset`) and/or explicit fields, with `data` a data spec."
+    from multilora.adapters import task_preset, PromptTemplate
     out = []
     for spec in specs:
         spec = dict(spec)
         preset, data = spec.pop("preset", None), spec.pop("data", None)
         if isinstance(spec.get("template"), dict): spec["template"] = PromptTemplate(**spec["template"])
-        if preset is not None:
-            if preset not in presets: raise ValueError(f"Unknown task preset {preset!r}; valid: {sorted(presets)}")
-            out.append(presets[preset](dataset=data, **spec))
+        if preset is not None: out.append(task_preset(preset, dataset=data, **spec))   # raises for an unknown name
         else: out.append(Task(dataset=data, **spec))
     if not out: raise ValueError("The config has no [[tasks]]")
     return out
