@@ -162,6 +162,8 @@ def _timed(fn: Callable, reps: int) -> float:
 def _device_name() -> str:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)"
 
+def _device_type() -> str: return "cuda" if torch.cuda.is_available() else "cpu"
+
 # %% ../nbs/10_benchmarks.ipynb #bdc65eb8
 def eval_summary(results: dict) -> dict:
     "`evaluate_adapters` results without the per-answer lists, keeping the answers that ran on, which are worth reading."
@@ -264,18 +266,19 @@ def _reset_peak():
     torch.cuda.reset_peak_memory_stats()
 
 def _trainer_run(model, tok, tasks, data, steps, batch_size, max_length, warmup, group_by_length=True,
-                 packing=False) -> dict:
+                 packing=False, **train_kw) -> dict:
     tmp = tempfile.mkdtemp(prefix="multilora-bench-train-")
     try:
         cfg = TrainConfig(output_dir=tmp, max_steps=steps, batch_size=batch_size, max_length=max_length,
                           learning_rate=2e-4, group_by_length=group_by_length, packing=packing,
-                          checkpoint_every=10**9, keep_checkpoints=1, progress=False, seed=0)
+                          checkpoint_every=10**9, keep_checkpoints=1, progress=False, seed=0, **train_kw)
         tr = MultiLoRATrainer(model, tok, tasks, cfg, train_data=data)
         tr.save_checkpoint = lambda: None          # the benchmark times training, not disk writes
         tr.train()
         h = [r for r in tr.history if "loss" in r]
         times = [b["elapsed"] - a["elapsed"] for a, b in zip([{"elapsed": 0.0}] + h[:-1], h)]
-        return {"steps": len(h), "useful_tokens_timed": sum(r["tokens"] for r in h[warmup:]), "time_s": sum(times[warmup:])}
+        return {"steps": len(h), "useful_tokens_timed": sum(r["tokens"] for r in h[warmup:]), "time_s": sum(times[warmup:]),
+                "plan": tr.plan}
     finally: shutil.rmtree(tmp, ignore_errors=True)
 
 # %% ../nbs/10_benchmarks.ipynb #bf462e1a
@@ -302,23 +305,32 @@ def bench_train(base_model: str | os.PathLike | None = None, steps: int = 20, ba
                                             "padding_share": round(1 - b["useful_tokens"] / b["padded_tokens"], 3),
                                             "peak_memory_gb": _peak_gb(), "batch_size": batch_size}
     # packed rows spend about the baseline's tokens per step on real tokens: `f` times the examples, in rows of max_length
-    runs = [("multilora (dynamic padding)", False, False, batch_size),
-            ("multilora (+ group_by_length)", True, False, batch_size)]
-    runs += [(f"multilora (packed, {f:g}x examples)", False, True, round(batch_size * f)) for f in packed_factors]
-    for label, grouped, packing, bs in runs:
+    # QLoRA as the seed ran it: NF4 dequantized at each call, checkpointing on a GPU
+    qlora = {"frozen_weights": "bnb", "gradient_checkpointing": _device_settings(TrainConfig(), _device_type())[1]}
+    runs = [("multilora (dynamic padding)", False, False, batch_size, qlora),
+            ("multilora (+ group_by_length)", True, False, batch_size, qlora)]
+    runs += [(f"multilora (packed, {f:g}x examples)", False, True, round(batch_size * f), qlora) for f in packed_factors]
+    f = packed_factors[0]      # then the memory plan's two settings, one at a time, and what `auto` picks
+    runs += [(f"multilora (packed, {f:g}x, {label})", False, True, round(batch_size * f), kw) for label, kw in (
+        ("NF4, no checkpointing", {"frozen_weights": "bnb", "gradient_checkpointing": False}),
+        ("dense copies", {"frozen_weights": "dense", "gradient_checkpointing": True}),
+        ("dense copies, no checkpointing", {"frozen_weights": "dense", "gradient_checkpointing": False}),
+        ("auto", {}))]
+    for label, grouped, packing, bs, kw in runs:
         _reset_peak()
-        r = _trainer_run(model, tok, tasks, data, steps, bs, max_length, warmup, grouped, packing)
+        r = _trainer_run(model, tok, tasks, data, steps, bs, max_length, warmup, grouped, packing, **kw)
         res["runs"][label] = {"useful_tokens_per_s": round(r["useful_tokens_timed"] / r["time_s"], 1),
-                              "peak_memory_gb": _peak_gb(), "batch_size": bs}
+                              "peak_memory_gb": _peak_gb(), "batch_size": bs,
+                              **{k: r["plan"][k] for k in ("frozen_weights", "gradient_checkpointing", "activations_gb")}}
     # worst case for memory: every example exactly max_length tokens
     one = {"input_ids": [5] * max_length, "attention_mask": [1] * max_length,
            "labels": [IGNORE_INDEX] * (max_length - 64) + [5] * 64}
     long = {n: [dict(one) for _ in range(4 * memory_batch_size)] for n in names}
     _reset_peak()
-    r = _trainer_run(model, tok, tasks, long, 4, memory_batch_size, max_length, 1, False)
+    r = _trainer_run(model, tok, tasks, long, 4, memory_batch_size, max_length, 1, False, **qlora)
     res["runs"][f"multilora, all {max_length} tokens"] = {
         "useful_tokens_per_s": round(r["useful_tokens_timed"] / r["time_s"], 1), "peak_memory_gb": _peak_gb(),
-        "batch_size": memory_batch_size}
+        "batch_size": memory_batch_size, **{k: r["plan"][k] for k in ("frozen_weights", "gradient_checkpointing")}}
     baseline = res["runs"]["baseline (pad to 512)"]["useful_tokens_per_s"]
     for v in res["runs"].values(): v["vs_baseline"] = round(v["useful_tokens_per_s"] / baseline, 2)
     return _report(res, format_train_bench, verbose, output)
@@ -326,12 +338,14 @@ def bench_train(base_model: str | os.PathLike | None = None, steps: int = 20, ba
 def format_train_bench(res: dict) -> str:
     "The training benchmark as a table."
     c = res["config"]
-    head = f"{'run':<44} {'batch':>5} {'useful tok/s':>12} {'vs baseline':>11} {'peak GB':>8}"
+    head = f"{'run':<58} {'batch':>5} {'frozen':>6} {'ckpt':>4} {'useful tok/s':>12} {'vs baseline':>11} {'peak GB':>8}"
     lines = [f"{c['model']} ({c['layers']} layers, hidden {c['hidden_size']}) on {c['device']}; lengths {c['lengths']}",
              head, "-" * len(head)]
     for k, v in res["runs"].items():
         pk = "-" if v["peak_memory_gb"] is None else f"{v['peak_memory_gb']:.2f}"
-        lines.append(f"{k:<44} {v['batch_size']:>5} {v['useful_tokens_per_s']:>12.1f} {v['vs_baseline']:>10.2f}x {pk:>8}")
+        frozen, ckpt = v.get("frozen_weights", "-"), {True: "on", False: "off"}.get(v.get("gradient_checkpointing"), "-")
+        lines.append(f"{k:<58} {v['batch_size']:>5} {frozen:>6} {ckpt:>4} {v['useful_tokens_per_s']:>12.1f} "
+                     f"{v['vs_baseline']:>10.2f}x {pk:>8}")
     return "\n".join(lines)
 
 # %% ../nbs/10_benchmarks.ipynb #8e3316ed

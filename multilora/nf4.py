@@ -8,7 +8,8 @@ import warnings
 
 # %% auto #0
 __all__ = ['FROZEN_PATHS', 'is_nf4', 'standard_nf4_layout', 'nf4_dequantize', 'nf4_scales', 'rounding_gap', 'FrozenPath',
-           'TorchPath', 'CompiledPath', 'DensePath', 'auto_frozen_path', 'frozen_path']
+           'TorchPath', 'CompiledPath', 'DensePath', 'auto_frozen_path', 'frozen_path', 'dense_copy_bytes',
+           'plan_dense_copies', 'DenseCopies']
 
 # %% ../nbs/07a_nf4.ipynb #7a43d2c3
 import importlib
@@ -196,3 +197,46 @@ def frozen_path(name: str, groups: list[dict[str, list]], modules, device, decod
             if nxt is None: raise
             warnings.warn(f"the {tried[-1]!r} NF4 path is unavailable ({type(e).__name__}: {e}); using {nxt!r}")
             tried.append(nxt)
+
+# %% ../nbs/07a_nf4.ipynb #bf05468b
+def dense_copy_bytes(module: torch.nn.Module) -> int:
+    "Bytes of a 16-bit (or fp32, per its compute dtype) copy of NF4 layer `module`'s weight."
+    qs = module.weight.quant_state
+    return qs.shape.numel() * torch.empty(0, dtype=module.compute_dtype or qs.dtype).element_size()
+
+def plan_dense_copies(modules, budget_bytes: float) -> list:
+    "The NF4 layers among `modules` whose dense copies fit in `budget_bytes`, heaviest first."
+    chosen, left = [], budget_bytes
+    for m in sorted((m for m in modules if is_nf4(m)), key=dense_copy_bytes, reverse=True):
+        if dense_copy_bytes(m) <= left: chosen.append(m); left -= dense_copy_bytes(m)
+    return chosen
+
+# %% ../nbs/07a_nf4.ipynb #eab336fa
+class DenseCopies:
+    "NF4 layers running on dense copies of their weights, dequantized once by bitsandbytes, until `remove()`."
+    def __init__(self, modules):
+        import bitsandbytes.functional as bnbF
+        self.copies = {}
+        for m in modules:
+            standard_nf4_layout(m)
+            w = m.weight
+            self.copies[m] = bnbF.dequantize_4bit(w.data, w.quant_state).to(m.compute_dtype or w.quant_state.dtype)
+        self.replaced = {m: m.__dict__.get("forward") for m in self.copies}   # accelerate's hooks live there too
+        for m, w in self.copies.items(): m.forward = _dense_forward(m, w)
+
+    @property
+    def nbytes(self) -> int: return sum(w.numel() * w.element_size() for w in self.copies.values())
+
+    def remove(self):
+        "Give the layers back their own forward (bitsandbytes'), and free the copies."
+        for m, fwd in self.replaced.items():
+            if fwd is None: del m.forward
+            else: m.forward = fwd
+        self.copies, self.replaced = {}, {}
+
+def _dense_forward(module, w: torch.Tensor):
+    "`Linear4bit.forward` on the copy `w`: the input cast to the compute dtype and back, as bitsandbytes does."
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        b = None if module.bias is None else module.bias.to(w.dtype)
+        return F.linear(x.to(w.dtype), w, b).to(x.dtype)
+    return forward

@@ -9,9 +9,9 @@ from dataclasses import dataclass, asdict, field, fields
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['TrainConfig', 'lr_lambda', 'MultiLoRATrainer', 'verify_checkpoint', 'latest_checkpoint', 'read_metrics',
-           'plot_losses', 'load_config', 'tasks_from_config', 'trainer_from_config', 'run_from_config', 'demo_config',
-           'publish_demo_run', 'demo_adapters']
+__all__ = ['TrainConfig', 'lr_lambda', 'activation_bytes_per_token', 'memory_plan', 'describe_plan', 'MultiLoRATrainer',
+           'verify_checkpoint', 'latest_checkpoint', 'read_metrics', 'plot_losses', 'load_config', 'tasks_from_config',
+           'trainer_from_config', 'run_from_config', 'demo_config', 'publish_demo_run', 'demo_adapters']
 
 # %% ../nbs/04_training.ipynb #55394fb9
 import numpy as np
@@ -24,6 +24,7 @@ from .model import _atomic_folder, load_base_model, prepare_for_training, pick_c
 from .adapters import Task, adapter_parameters, activate_adapter, attach_adapters, save_adapters, adapter_names
 from .data import CompletionCollator, PackingCollator, batch_tokens, model_inputs, tokenize_task, IGNORE_INDEX
 from .sampler import FusedBatchSampler, MultiTaskDataset, TemperatureBatchSampler
+from .nf4 import DenseCopies, dense_copy_bytes, is_nf4, plan_dense_copies
 from fastcore.basics import patch
 
 
@@ -52,7 +53,8 @@ class TrainConfig:
     keep_checkpoints: int = 2
     eval_every: int | None = None         # per-task validation loss every N steps
     eval_examples: int = 16               # validation examples per task
-    gradient_checkpointing: bool | str = "auto"   # auto: on for GPUs, off on CPU (memory is plentiful there, time is not)
+    gradient_checkpointing: bool | str = "auto"   # auto: off where the activations fit in free memory (see memory_plan)
+    frozen_weights: str = "auto"          # dense: 16-bit copies of the NF4 weights while training; bnb: dequantize per call
     mixed_precision: str = "auto"         # auto: bf16 or fp16 autocast on GPU (per compute dtype), none on CPU
     progress: bool = True
 
@@ -65,6 +67,10 @@ class TrainConfig:
         if not self.temperature > 0: raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if self.eval_every is not None and self.eval_every <= 0: raise ValueError("eval_every must be positive or None")
         if self.mixed_precision not in ("auto", "no", "bf16", "fp16"): raise ValueError("mixed_precision must be auto, no, bf16 or fp16")
+        if self.gradient_checkpointing not in (True, False, "auto"):
+            raise ValueError(f"gradient_checkpointing must be true, false or auto, got {self.gradient_checkpointing!r}")
+        if self.frozen_weights not in ("auto", "dense", "bnb"):
+            raise ValueError(f"frozen_weights must be auto, dense or bnb, got {self.frozen_weights!r}")
         for k in ("group_by_length", "packing", "fused", "progress"):
             if not isinstance(getattr(self, k), bool): raise ValueError(f"{k} must be true or false, got {getattr(self, k)!r}")
 
@@ -89,12 +95,53 @@ def lr_lambda(schedule: str, total: int, warmup: int = 0):
 
 # %% ../nbs/04_training.ipynb #81b59d0a
 def _device_settings(config: TrainConfig, device: str) -> tuple[str, bool]:
-    "Mixed precision and gradient checkpointing for `device`, resolving `auto`."
+    "Mixed precision for `device`, and gradient checkpointing as the seed had it (on for GPUs) where `auto`."
     mp = config.mixed_precision
     if mp == "auto": mp = "no" if device == "cpu" else ("bf16" if pick_compute_dtype(device) == torch.bfloat16 else "fp16")
     gc = config.gradient_checkpointing
     if gc == "auto": gc = device != "cpu"
     return mp, bool(gc)
+
+# %% ../nbs/04_training.ipynb #28cc6403
+def activation_bytes_per_token(config, dtype_bytes: int = 2) -> int:
+    "Roughly the activation bytes one token keeps for the backward pass of a LoRA-wrapped decoder, no checkpointing."
+    h = config.hidden_size
+    i = getattr(config, "intermediate_size", None) or 4 * h
+    # per layer: norms (some in fp32), q|k|v, attention, residuals and the LoRA wrappers' inputs; gate, up, act, down's
+    # input. Calibrated on the 7B shape on an H200: 70 GB at 5.6k packed tokens, 12 MB a token, this formula's figure
+    per_layer = (24 * h + 8 * i) * dtype_bytes
+    return config.num_hidden_layers * per_layer + config.vocab_size * 12   # logits, their fp32 copy and its gradient
+
+def _device_memory(device: str) -> tuple[int, int]:
+    "Free and total bytes of `device`'s memory: the GPU's, or the machine's RAM on a CPU."
+    if device == "cpu":
+        import psutil
+        vm = psutil.virtual_memory()
+        return vm.available, vm.total
+    return torch.cuda.mem_get_info()
+
+def memory_plan(model, config: TrainConfig, device: str, longest: int | None = None) -> dict:
+    "Gradient checkpointing and frozen weights for training `model` on `device`, `auto` settled by what fits."
+    free, total = _device_memory(device)
+    nf4 = [m for m in model.modules() if is_nf4(m)]
+    copies = sum(dense_copy_bytes(m) for m in nf4)
+    dense = {"auto": copies <= min(total / 4, free / 2), "dense": True, "bnb": False}[config.frozen_weights] and bool(nf4)
+    dtype_bytes = 4 if device == "cpu" else 2
+    tokens = config.batch_size * min(config.max_length, longest or config.max_length)   # a micro-batch at its worst
+    activations = activation_bytes_per_token(model.config, dtype_bytes) * tokens
+    gc = config.gradient_checkpointing
+    if gc == "auto": gc = device != "cpu" and activations > 0.8 * (free - dense * copies)
+    return {"device": device, "free_gb": round(free / 2**30, 1), "frozen_weights": "dense" if dense else "bnb",
+            "dense_copies_gb": round(dense * copies / 2**30, 2), "gradient_checkpointing": bool(gc),
+            "activations_gb": round(activations / 2**30, 2)}
+
+def describe_plan(plan: dict) -> str:
+    "One line on the memory plan: what was chosen and the numbers behind it."
+    frozen = (f"dense copies of the NF4 weights in the compute dtype ({plan['dense_copies_gb']:.2f} GB)"
+              if plan["frozen_weights"] == "dense" else "dequantized from NF4 at each call")
+    gc = "on" if plan["gradient_checkpointing"] else "off"
+    return (f"training on {plan['device']} ({plan['free_gb']:.1f} GB free): frozen weights {frozen}; gradient checkpointing "
+            f"{gc} (activations of a full micro-batch ~{plan['activations_gb']:.2f} GB)")
 
 # %% ../nbs/04_training.ipynb #4209bb5f
 class MultiLoRATrainer:
@@ -110,7 +157,7 @@ class MultiLoRATrainer:
                              "would never stop. Load the tokenizer with load_base_model or load_tokenizer, which align the two, "
                              "or call align_stop_tokens(tokenizer, model.generation_config).")
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        mp, self.gradient_checkpointing = _device_settings(config, device)
+        mp, _ = _device_settings(config, device)
         self.acc = accelerator or Accelerator(mixed_precision=mp, cpu=device == "cpu",
                                               kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
         self.out = Path(config.output_dir)
@@ -119,6 +166,9 @@ class MultiLoRATrainer:
         if self.eval_data is None and config.eval_every:
             self.eval_data = {n: tokenize_task(t, tokenizer, "validation", config.max_length, config.eval_examples) for n, t in self.tasks.items()}
         self.dataset = MultiTaskDataset({n: self.train_data[n] for n in self.tasks})
+        self.plan = memory_plan(model, config, device, longest=max(max(ls, default=0) for ls in self.dataset.lengths().values()))
+        self.gradient_checkpointing = self.plan["gradient_checkpointing"]
+        if config.progress and self.acc.is_main_process: print(describe_plan(self.plan))
         weights = {n: t.sampling_weight for n, t in self.tasks.items() if t.sampling_weight is not None} or None
         sampler = FusedBatchSampler if config.fused else TemperatureBatchSampler
         self.sampler = sampler(self.dataset, batch_size=config.batch_size * config.grad_accum,
@@ -149,44 +199,52 @@ def _setup_model(self: MultiLoRATrainer, model):
     self.params = {n: list(adapter_parameters(model, n).values()) for n in self.tasks}
     empty = [n for n, ps in self.params.items() if not ps]
     if empty: raise RuntimeError(f"Adapter(s) {empty} have no parameters to train")
+    fused = next(model.parameters()).device.type == "cuda"     # one kernel for all of an adapter's tensors
     opts = [torch.optim.AdamW(self.params[n], lr=self.tasks[n].learning_rate or self.cfg.learning_rate,
-                              weight_decay=self.cfg.weight_decay) for n in self.tasks]
+                              weight_decay=self.cfg.weight_decay, fused=fused or None) for n in self.tasks]
     if self.acc.num_processes > 1: model, *opts = self.acc.prepare(model, *opts)
     else: opts = list(self.acc.prepare(*opts)) if len(opts) > 1 else [self.acc.prepare(opts[0])]
     self.model, self.optimizers = model, dict(zip(self.tasks, opts))
+    self.copies = None                                          # the frozen weights' dense copies, while `train()` runs
     in_opt = {n: sum(p.numel() for g in o.param_groups for p in g["params"]) for n, o in self.optimizers.items()}
     for n in self.tasks:
         assert in_opt[n] == sum(p.numel() for p in self.params[n]) > 0, f"adapter {n} is not fully in its optimizer"
 
 # %% ../nbs/04_training.ipynb #51176c1d
 @patch
+def _activate(self: MultiLoRATrainer, task: str):
+    "Make `task`'s adapter the active one and the only one requiring grad, unless it already is."
+    if self.unwrapped.active_adapters == [task] and all(ps[0].requires_grad == (n == task) for n, ps in self.params.items()):
+        return                                                  # checked, not remembered: other code may switch adapters
+    self.unwrapped.set_adapter(task)
+    for n, ps in self.params.items():
+        for p in ps: p.requires_grad_(n == task)
+
+@patch
 def _train_step(self: MultiLoRATrainer, task: str, features: list[dict]) -> dict:
     "One update of `task`'s adapter from one task-homogeneous draw, accumulated over micro-batches."
-    activate_adapter(self.unwrapped, task)
-    self.model.train()
+    self._activate(task)
+    if not self.model.training: self.model.train()
     bs = self.cfg.batch_size
     micro = [self.collate(features[i:i + bs]) for i in range(0, len(features), bs)]
     world = self.acc.num_processes
-    n_local = sum(int((m["labels"] != IGNORE_INDEX).sum()) for m in micro)
+    counts = [int((m["labels"] != IGNORE_INDEX).sum()) for m in micro]    # on the host: no GPU sync per micro-batch
     # token-weighted mean over the whole accumulated draw *on all ranks*, not a mean of per-batch or per-rank means;
     # DDP averages gradients over ranks, hence the factor `world`
-    n_targets = int(self.acc.reduce(torch.tensor(n_local, device=self.acc.device), "sum")) if world > 1 else n_local
-    loss_sum, finite = 0.0, True
+    n_targets = int(self.acc.reduce(torch.tensor(sum(counts), device=self.acc.device), "sum")) if world > 1 else sum(counts)
+    loss_sum = torch.zeros((), device=self.acc.device)
     for k, m in enumerate(micro):
-        m = {key: v.to(self.acc.device) for key, v in model_inputs(m).items()}
+        m = {key: v.to(self.acc.device, non_blocking=True) for key, v in model_inputs(m).items()}
         sync = self.acc.no_sync(self.model) if k < len(micro) - 1 and world > 1 else contextlib.nullcontext()
         with sync, self.acc.autocast():
             out = self.model(**m, use_cache=False)              # no cache: also what lets transformers see packed rows
-            loss = out.loss * (int((m["labels"] != IGNORE_INDEX).sum()) * world / n_targets)
-        if not torch.isfinite(loss):
-            finite = False
-            if world == 1: break           # with DDP every rank must still run backward, or the others wait forever
+            loss = out.loss * (counts[k] * world / n_targets)
         self.acc.backward(loss)
-        loss_sum += loss.item() / world
-    if world > 1:                          # the step's loss over all ranks, and one verdict on skipping it
-        stats = self.acc.reduce(torch.tensor([loss_sum, float(not finite)], device=self.acc.device), "sum")
-        loss_sum, finite = float(stats[0]), bool(stats[1] == 0)
-    finite, grad_norm = self._update(task, finite)
+        loss_sum += loss.detach().float() / world
+    # one verdict per step, read once: a non-finite loss anywhere in the draw skips the update (on every rank alike)
+    stats = torch.stack([loss_sum, (~torch.isfinite(loss_sum)).float()])
+    loss_sum, bad = (self.acc.reduce(stats, "sum") if world > 1 else stats).tolist()
+    finite, grad_norm = self._update(task, bad == 0)
     tokens = sum(batch_tokens(m) for m in micro)
     if world > 1: tokens = int(self.acc.reduce(torch.tensor(tokens, device=self.acc.device), "sum"))
     return {"step": self.step + 1, "task": task, "loss": loss_sum if finite else float("nan"), "tokens": tokens,
@@ -354,6 +412,8 @@ def train(self: MultiLoRATrainer, resume: bool = False) -> dict:
     log = open(self.out/"metrics.jsonl", "w") if self.acc.is_main_process else None
     if log: log.writelines(json.dumps(r) + "\n" for r in self.history); log.flush()  # empty, or cut back to the checkpoint
     batches = self._batches()
+    if self.plan["frozen_weights"] == "dense" and self.copies is None:
+        self.copies = DenseCopies(plan_dense_copies(self.unwrapped.modules(), float("inf")))
     ema, t0, tok_seen = {}, time.time(), 0
     bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not (cfg.progress and self.acc.is_main_process), desc="training")
     try:
@@ -378,6 +438,8 @@ def train(self: MultiLoRATrainer, resume: bool = False) -> dict:
     finally:
         bar.close()
         if log: log.close()
+        if self.copies is not None: self.copies.remove()      # the model is NF4 alone again
+        self.copies = None
     if self.acc.is_main_process: save_adapters(self.unwrapped, self.out/"adapters", tasks=list(self.tasks.values()))
     return self.summary()
 
