@@ -9,9 +9,10 @@ from dataclasses import dataclass, asdict, field, fields
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['TrainConfig', 'lr_lambda', 'activation_bytes_per_token', 'memory_plan', 'describe_plan', 'MultiLoRATrainer',
-           'verify_checkpoint', 'latest_checkpoint', 'read_metrics', 'plot_losses', 'load_config', 'tasks_from_config',
-           'trainer_from_config', 'run_from_config', 'demo_config', 'publish_demo_run', 'demo_adapters']
+__all__ = ['TrainConfig', 'lr_lambda', 'activation_bytes_per_token', 'micro_batch_tokens', 'memory_plan', 'describe_plan',
+           'MultiLoRATrainer', 'verify_checkpoint', 'latest_checkpoint', 'read_metrics', 'plot_losses', 'load_config',
+           'tasks_from_config', 'trainer_from_config', 'run_from_config', 'demo_config', 'publish_demo_run',
+           'demo_adapters']
 
 # %% ../nbs/04_training.ipynb #55394fb9
 import numpy as np
@@ -113,21 +114,31 @@ def activation_bytes_per_token(config, dtype_bytes: int = 2) -> int:
     return config.num_hidden_layers * per_layer + config.vocab_size * 12   # logits, their fp32 copy and its gradient
 
 def _device_memory(device: str) -> tuple[int, int]:
-    "Free and total bytes of `device`'s memory: the GPU's, or the machine's RAM on a CPU."
+    "Free and total bytes of `device`'s memory: the GPU's (counting what torch's cache holds unused), or the RAM."
     if device == "cpu":
         import psutil
         vm = psutil.virtual_memory()
         return vm.available, vm.total
-    return torch.cuda.mem_get_info()
+    free, total = torch.cuda.mem_get_info()
+    return free + torch.cuda.memory_reserved() - torch.cuda.memory_allocated(), total
 
-def memory_plan(model, config: TrainConfig, device: str, longest: int | None = None) -> dict:
+def micro_batch_tokens(config: TrainConfig, lengths: list[int] | None = None) -> int:
+    "Tokens in a micro-batch at its plausible worst, from the training examples' `lengths`."
+    if not lengths: return config.batch_size * config.max_length
+    L = np.minimum(np.asarray(lengths), config.max_length)
+    worst = config.batch_size * int(L.max())                  # padded rows: one long example pads every row
+    if not config.packing: return worst
+    # packed rows hold `batch_size` random examples, nothing else: their sum, four standard deviations high
+    return min(worst, math.ceil(config.batch_size * L.mean() + 4 * math.sqrt(config.batch_size) * L.std()))
+
+def memory_plan(model, config: TrainConfig, device: str, lengths: list[int] | None = None) -> dict:
     "Gradient checkpointing and frozen weights for training `model` on `device`, `auto` settled by what fits."
     free, total = _device_memory(device)
     nf4 = [m for m in model.modules() if is_nf4(m)]
     copies = sum(dense_copy_bytes(m) for m in nf4)
     dense = {"auto": copies <= min(total / 4, free / 2), "dense": True, "bnb": False}[config.frozen_weights] and bool(nf4)
     dtype_bytes = 4 if device == "cpu" else 2
-    tokens = config.batch_size * min(config.max_length, longest or config.max_length)   # a micro-batch at its worst
+    tokens = micro_batch_tokens(config, lengths)
     activations = activation_bytes_per_token(model.config, dtype_bytes) * tokens
     gc = config.gradient_checkpointing
     if gc == "auto": gc = device != "cpu" and activations > 0.8 * (free - dense * copies)
@@ -166,7 +177,7 @@ class MultiLoRATrainer:
         if self.eval_data is None and config.eval_every:
             self.eval_data = {n: tokenize_task(t, tokenizer, "validation", config.max_length, config.eval_examples) for n, t in self.tasks.items()}
         self.dataset = MultiTaskDataset({n: self.train_data[n] for n in self.tasks})
-        self.plan = memory_plan(model, config, device, longest=max(max(ls, default=0) for ls in self.dataset.lengths().values()))
+        self.plan = memory_plan(model, config, device, lengths=[n for ls in self.dataset.lengths().values() for n in ls])
         self.gradient_checkpointing = self.plan["gradient_checkpointing"]
         if config.progress and self.acc.is_main_process: print(describe_plan(self.plan))
         weights = {n: t.sampling_weight for n, t in self.tasks.items() if t.sampling_weight is not None} or None
@@ -192,7 +203,7 @@ class MultiLoRATrainer:
 def _setup_model(self: MultiLoRATrainer, model):
     "Prepare the model and build one optimizer per adapter, over *all* its parameters."
     prepare_for_training(model, gradient_checkpointing=self.gradient_checkpointing)
-    if not self.gradient_checkpointing and model.is_gradient_checkpointing: model.gradient_checkpointing_disable()
+    if not self.gradient_checkpointing and _checkpointing(model): model.gradient_checkpointing_disable()
     self.unwrapped = model
     for n in self.tasks:  # every adapter trainable while DDP registers parameters; steps then toggle the active one
         for p in adapter_parameters(model, n).values(): p.requires_grad_(True)
@@ -209,6 +220,11 @@ def _setup_model(self: MultiLoRATrainer, model):
     in_opt = {n: sum(p.numel() for g in o.param_groups for p in g["params"]) for n, o in self.optimizers.items()}
     for n in self.tasks:
         assert in_opt[n] == sum(p.numel() for p in self.params[n]) > 0, f"adapter {n} is not fully in its optimizer"
+
+def _checkpointing(model) -> bool:
+    "Whether any layer of `model` runs under gradient checkpointing (read from the layers: the model's flag was renamed)."
+    return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
+
 
 # %% ../nbs/04_training.ipynb #51176c1d
 @patch
@@ -418,7 +434,7 @@ def train(self: MultiLoRATrainer, resume: bool = False) -> dict:
     bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not (cfg.progress and self.acc.is_main_process), desc="training")
     try:
         while self.step < cfg.max_steps:
-            records = self._step(next(batches))
+            records = self._step_or_checkpoint(next(batches))
             self.step += 1
             elapsed = time.time() - t0
             for rec in records:
@@ -452,6 +468,27 @@ def _step(self: MultiLoRATrainer, idx: list[int]) -> list[dict]:
         from multilora.fused import fused_step   # fused builds on this module, never the other way round
         return fused_step(self, features)
     return [self._train_step(self.sampler.task_of(idx), features)]
+
+# %% ../nbs/04_training.ipynb #b7860215
+@patch
+def _step_or_checkpoint(self: MultiLoRATrainer, idx: list[int]) -> list[dict]:
+    "`_step`, and where `auto` left checkpointing off and the GPU runs out of memory, the same draw again with it on."
+    rng = torch.get_rng_state(), torch.cuda.get_rng_state() if torch.cuda.is_available() else None
+    try: return self._step(idx)
+    except torch.OutOfMemoryError as e:
+        if self.gradient_checkpointing or self.cfg.gradient_checkpointing != "auto" or self.acc.num_processes > 1: raise
+        reason = str(e).splitlines()[0]
+    # outside the `except`: the failed step's tensors, held by the traceback, are free now
+    for o in self.optimizers.values(): o.zero_grad(set_to_none=True)     # half a backward pass's gradients
+    if torch.cuda.is_available(): torch.cuda.empty_cache(); torch.cuda.set_rng_state(rng[1])
+    torch.set_rng_state(rng[0])                                           # the same dropout masks as the first try
+    self.unwrapped.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    self.gradient_checkpointing = self.plan["gradient_checkpointing"] = True
+    self.plan["checkpointing_from_step"] = self.step + 1
+    warnings.warn(f"step {self.step + 1} ran out of GPU memory without gradient checkpointing ({reason}); "
+                  "checkpointing is on from now and the step runs again")
+    return self._step(idx)
+
 
 # %% ../nbs/04_training.ipynb #618229b6
 @patch
