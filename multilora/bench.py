@@ -4,16 +4,16 @@
 
 # %% ../nbs/10_benchmarks.ipynb #67b92d36
 from __future__ import annotations
-import json, math, os, random, re, shutil, subprocess, sys, tempfile, time
+import importlib.util, json, math, os, random, re, shutil, subprocess, sys, tempfile, time
 from pathlib import Path
 from typing import Callable
 
 # %% auto #0
-__all__ = ['SHAPES', 'CLIENTS', 'VARIANT_TILINGS', 'random_model', 'random_adapters', 'baseline_train_loop', 'eval_summary',
-           'run_tutorial', 'format_tutorial', 'bench_train', 'format_train_bench', 'bench_fused', 'format_fused_bench',
-           'bench_ddp', 'format_ddp', 'bench_serve', 'bench_prompts', 'format_bench', 'bench_profile', 'format_profile',
-           'bench_kernels', 'format_kernel_bench', 'bench_diag', 'format_diag', 'bench_prefill', 'format_prefill',
-           'bench_kernel_variants', 'format_kernel_variants']
+__all__ = ['SHAPES', 'TRL_LABEL', 'CLIENTS', 'VARIANT_TILINGS', 'random_model', 'random_adapters', 'baseline_train_loop',
+           'eval_summary', 'run_tutorial', 'format_tutorial', 'trl_train_row', 'bench_train', 'format_train_bench',
+           'bench_fused', 'format_fused_bench', 'bench_ddp', 'format_ddp', 'bench_serve', 'bench_prompts',
+           'format_bench', 'bench_profile', 'format_profile', 'bench_kernels', 'format_kernel_bench', 'bench_diag',
+           'format_diag', 'bench_prefill', 'format_prefill', 'bench_kernel_variants', 'format_kernel_variants']
 
 # %% ../nbs/10_benchmarks.ipynb #40c49ec5
 import numpy as np
@@ -22,7 +22,7 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from .model import (cache_dir, ensure_pad_token, load_base_model, load_tokenizer, prepare_for_training,
                              _atomic_folder)
 from .adapters import BUILTIN_TASKS, task_preset, attach_adapters, activate_adapter, adapter_parameters
-from .data import CompletionCollator, IGNORE_INDEX, builtin_tasks, tokenize_task
+from .data import CompletionCollator, IGNORE_INDEX, builtin_tasks, task_split, tokenize_task
 from .train import MultiLoRATrainer, TrainConfig, _device_settings, demo_config, tasks_from_config
 
 # %% ../nbs/10_benchmarks.ipynb #677273ae
@@ -281,13 +281,99 @@ def _trainer_run(model, tok, tasks, data, steps, batch_size, max_length, warmup,
                 "plan": tr.plan}
     finally: shutil.rmtree(tmp, ignore_errors=True)
 
+# %% ../nbs/10_benchmarks.ipynb #trlsft02
+TRL_LABEL = "TRL SFTTrainer (packed, completion-only, 1 adapter)"
+
+def _prompt_completion(task, tokenizer, limit: int | None = None):
+    "One task's training split as prompt/completion pairs, rendered by the task's template as `tokenize_task` renders them."
+    from datasets import Dataset
+    t = task.template
+    return Dataset.from_list([{"prompt": t.render_prompt(r, tokenizer), "completion": t.render_completion(r)}
+                              for r in task_split(task, "train", limit)])
+
+def trl_train_row(base_model: str | os.PathLike | None, task, steps: int, batch_size: int, max_length: int = 512,
+                  warmup: int = 3, train_limit: int | None = None) -> dict:
+    "TRL's `SFTTrainer` on one task's adapter, packed with completion-only loss, timed and counted as `bench_train`'s rows."
+    import gc, trl
+    from trl import SFTConfig, SFTTrainer
+    from transformers import TrainerCallback
+    model, tok = load_base_model(None if base_model is None else str(base_model))
+    on_gpu = torch.cuda.is_available()
+    ckpt = _device_settings(TrainConfig(), _device_type())[1]     # as multilora's QLoRA rows: on for a GPU
+    counts, times = [], []                      # per batch (real tokens, loss tokens), counted on the host; per step seconds
+    class Clock(TrainerCallback):
+        "Seconds from one optimizer step's end to the next's: data, forward, backward, update and logging."
+        def on_train_begin(self, args, state, control, **kw): _sync(); self.t = time.perf_counter()
+        def on_step_end(self, args, state, control, **kw):
+            _sync()
+            now = time.perf_counter()
+            times.append(now - self.t)
+            self.t = now
+    class Counted(SFTTrainer):
+        "SFTTrainer that also sums, on the device and without a sync, the loss tokens of each batch the model trains on."
+        def training_step(self, model, inputs, *a, **kw):
+            self.seen = getattr(self, "seen", 0) + (inputs["labels"] != IGNORE_INDEX).sum()
+            return super().training_step(model, inputs, *a, **kw)
+    tmp = tempfile.mkdtemp(prefix="multilora-bench-trl-")
+    try:
+        args = SFTConfig(output_dir=tmp, packing=True, completion_only_loss=True, max_length=max_length, max_steps=steps,
+                         learning_rate=2e-4, per_device_train_batch_size=batch_size,
+                         bf16=on_gpu and torch.cuda.is_bf16_supported(), use_cpu=not on_gpu,
+                         gradient_checkpointing=ckpt, gradient_checkpointing_kwargs={"use_reentrant": False},
+                         report_to=[], save_strategy="no", logging_steps=1, dataloader_num_workers=0, seed=0,
+                         disable_tqdm=True)
+        tr = Counted(model=model, args=args, train_dataset=_prompt_completion(task, tok, train_limit),
+                     processing_class=tok, peft_config=task.lora_config(), callbacks=[Clock()])
+        collate = tr.data_collator
+        def counting(features):
+            b = collate(features)
+            real = int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()  # padding-free: no pad
+            counts.append((real, int((b["labels"] != IGNORE_INDEX).sum())))
+            return b
+        tr.data_collator = counting
+        _reset_peak()
+        tr.train()
+        peak = _peak_gb()
+        n = len(times)
+        real, loss_tok = (sum(c[i] for c in counts[warmup:n]) for i in (0, 1))
+        losses = [h["loss"] for h in tr.state.log_history if "loss" in h]
+        row = {"useful_tokens_per_s": round(real / sum(times[warmup:]), 1),
+               "loss_tokens_per_s": round(loss_tok / sum(times[warmup:]), 1), "peak_memory_gb": peak,
+               "batch_size": batch_size, "frozen_weights": "bnb", "gradient_checkpointing": ckpt,
+               "trl_version": trl.__version__, "task": task.name, "steps": n, "loss_first": losses[0], "loss_last": losses[-1],
+               "useful_tokens_timed": real, "loss_tokens_timed": loss_tok,
+               "loss_tokens_all_steps": sum(c[1] for c in counts[:n]), "loss_tokens_seen_by_model": int(tr.seen)}
+        return row
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tr = model = None
+        gc.collect()
+        if torch.cuda.is_available(): torch.cuda.empty_cache()
+
+def _time_demo(timeout: float = 7200) -> dict:
+    "Wall seconds of `multilora demo` as a user runs it, in a subprocess, into a temporary output dir."
+    tmp = tempfile.mkdtemp(prefix="multilora-bench-demo-")
+    try:
+        cmd = [sys.executable, "-m", "multilora", "demo", "--output-dir", str(Path(tmp)/"demo")]
+        rc, s, text = _run(cmd, timeout)
+        return {"demo": " ".join(["python"] + cmd[1:]), "demo_seconds": round(s, 1), "demo_rc": rc,
+                **({} if rc == 0 else {"demo_error": _tail(text)})}
+    finally: shutil.rmtree(tmp, ignore_errors=True)
+
 # %% ../nbs/10_benchmarks.ipynb #bf462e1a
 def bench_train(base_model: str | os.PathLike | None = None, steps: int = 20, batch_size: int = 16,
                 max_length: int = 512, warmup: int = 3, train_limit: int | None = 2000, memory_batch_size: int = 4,
                 packed_factors: tuple[float, ...] = (2.75, 3), output: str | os.PathLike | None = "bench_train.json",
-                verbose: bool = True) -> dict:
-    "Useful tokens/s and peak memory: the baseline's padded loop against multilora's trainer, in one process."
+                verbose: bool = True, trl: bool = True, demo: bool = False) -> dict:
+    "Useful tokens/s and peak memory: the baseline's padded loop against multilora's trainer (and TRL's), in one process."
     if steps <= warmup: raise ValueError(f"steps ({steps}) must exceed warmup ({warmup})")
+    extra = {}
+    if demo: extra.update(_time_demo())              # first: the GPU is all the demo's, as a user's would be
+    trl_row = None
+    if trl and importlib.util.find_spec("trl") is None:
+        extra["skipped"] = f"{TRL_LABEL}: trl is not installed (pip install trl==1.16.0)"
+    elif trl:   # before multilora's model is loaded, so that its peak memory holds one base model, not two
+        trl_row = trl_train_row(base_model, builtin_tasks()[0], steps, batch_size, max_length, warmup, train_limit)
     base, tok = load_base_model(None if base_model is None else str(base_model))
     tasks = builtin_tasks()
     torch.manual_seed(0)
@@ -297,7 +383,7 @@ def bench_train(base_model: str | os.PathLike | None = None, steps: int = 20, ba
     res = {"config": {"model": str(base_model or "embedded"), "layers": model.config.num_hidden_layers,
                       "hidden_size": model.config.hidden_size, "steps": steps, "warmup": warmup, "batch_size": batch_size,
                       "max_length": max_length, "lengths": _length_stats(data), "device": _device_name()},
-           "runs": {}}
+           "runs": {}, **extra}
     _reset_peak()
     b = baseline_train_loop(model, names, data, steps, batch_size, max_length, pad_id=tok.pad_token_id)
     n_tok = b["useful_tokens"] * (steps - warmup) / steps
@@ -331,6 +417,7 @@ def bench_train(base_model: str | os.PathLike | None = None, steps: int = 20, ba
     res["runs"][f"multilora, all {max_length} tokens"] = {
         "useful_tokens_per_s": round(r["useful_tokens_timed"] / r["time_s"], 1), "peak_memory_gb": _peak_gb(),
         "batch_size": memory_batch_size, **{k: r["plan"][k] for k in ("frozen_weights", "gradient_checkpointing")}}
+    if trl_row is not None: res["runs"][TRL_LABEL] = trl_row
     baseline = res["runs"]["baseline (pad to 512)"]["useful_tokens_per_s"]
     for v in res["runs"].values(): v["vs_baseline"] = round(v["useful_tokens_per_s"] / baseline, 2)
     return _report(res, format_train_bench, verbose, output)
@@ -346,6 +433,12 @@ def format_train_bench(res: dict) -> str:
         frozen, ckpt = v.get("frozen_weights", "-"), {True: "on", False: "off"}.get(v.get("gradient_checkpointing"), "-")
         lines.append(f"{k:<58} {v['batch_size']:>5} {frozen:>6} {ckpt:>4} {v['useful_tokens_per_s']:>12.1f} "
                      f"{v['vs_baseline']:>10.2f}x {pk:>8}")
+    if TRL_LABEL in res["runs"]:
+        t = res["runs"][TRL_LABEL]
+        lines.append(f"TRL {t['trl_version']}: one adapter ({t['task']}), batch = packed rows of {c['max_length']} tokens; "
+                     f"training loss {t['loss_first']:.3f} -> {t['loss_last']:.3f}")
+    if "skipped" in res: lines.append(f"skipped: {res['skipped']}")
+    if "demo_seconds" in res: lines.append(f"`{res['demo']}` took {res['demo_seconds']:.0f} s (exit status {res['demo_rc']})")
     return "\n".join(lines)
 
 # %% ../nbs/10_benchmarks.ipynb #8e3316ed

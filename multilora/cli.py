@@ -103,7 +103,7 @@ def _names(s: str) -> tuple[str, ...]: return tuple(s.split(","))
 
 def _bench_train(a):
     from multilora.bench import bench_train
-    bench_train(a.base, steps=a.steps, batch_size=a.batch_size, output=a.json)
+    bench_train(a.base, steps=a.steps, batch_size=a.batch_size, output=a.json, trl=not a.no_trl, demo=a.demo)
 
 def _bench_fused(a):
     from multilora.bench import bench_fused
@@ -196,6 +196,8 @@ def _bench_training_suites(suites):
     s.add_argument("--base", default=None, help=_BASE_HELP)
     s.add_argument("--steps", type=int, default=20, help="steps per loop")
     s.add_argument("--batch-size", type=int, default=16, help="examples per step")
+    s.add_argument("--no-trl", action="store_true", help="leave out the TRL SFTTrainer row (one adapter, packed)")
+    s.add_argument("--demo", action="store_true", help="also time `multilora demo` as a user runs it (long)")
     s = _suite(suites, "fused", _bench_fused, "training: interleaved steps against fused multi-adapter steps")
     s.add_argument("--base", default=None, help=_BASE_HELP)
     s.add_argument("--steps", type=int, default=None,
