@@ -123,7 +123,14 @@ def test_fused_step_equals_the_per_task_steps(setup, tmp_path, packing):
         assert r["grad_norm"] == pytest.approx(q["grad_norm"], rel=1e-5)
     for t in g_ref:
         for k, g in g_ref[t].items(): torch.testing.assert_close(g_fused[t][k], g, rtol=1e-5, atol=1e-5 * float(g.abs().max()))
-    for k, w in _weights(model, tasks).items(): torch.testing.assert_close(w, after_ref[k], rtol=1e-5, atol=1e-7)
+    # Adam's first step is lr * g / (|g| + eps): where |g| is far above eps it is +-lr whatever the rounding, and where
+    # |g| is near eps the gradients' rounding (checked above to 1e-5 of the largest) decides it. So the weights are
+    # compared where the gradient is 1000 eps or more: rows through the wrong adapter would change those by about lr
+    grads = {k: g for t in g_ref for k, g in g_ref[t].items()}
+    for k, w in _weights(model, tasks).items():
+        decided = grads[k].abs() > 1e3 * 1e-8
+        assert decided.float().mean() > 0.5                  # most of every tensor is compared
+        torch.testing.assert_close(w[decided], after_ref[k][decided], rtol=1e-5, atol=1e-7)
     # a step without the shout task leaves its adapter, optimizer moments and schedule exactly as they were
     shout_w, shout_opt = _weights(model, [SHOUT]), copy.deepcopy(fused.optimizers["shout"].state_dict())
     assert shout_opt["state"], "the shout adapter should have optimizer state after its first update"
