@@ -401,7 +401,7 @@ def bench_train(base_model: str | os.PathLike | None = None, steps: int = 20, ba
         ("NF4, no checkpointing", {"frozen_weights": "bnb", "gradient_checkpointing": False}),
         ("dense copies", {"frozen_weights": "dense", "gradient_checkpointing": True}),
         ("dense copies, no checkpointing", {"frozen_weights": "dense", "gradient_checkpointing": False}),
-        ("auto", {}))]
+        ("auto", {}), ("auto, peft's LoRA modules", {"lora_function": False}))]
     for label, grouped, packing, bs, kw in runs:
         _reset_peak()
         r = _trainer_run(model, tok, tasks, data, steps, bs, max_length, warmup, grouped, packing, **kw)

@@ -26,6 +26,7 @@ from .adapters import Task, adapter_parameters, activate_adapter, attach_adapter
 from .data import CompletionCollator, PackingCollator, batch_tokens, model_inputs, tokenize_task, IGNORE_INDEX
 from .sampler import FusedBatchSampler, MultiTaskDataset, TemperatureBatchSampler
 from .nf4 import DenseCopies, dense_copy_bytes, is_nf4, plan_dense_copies
+from .lora_function import OneFunctionLoRA
 from fastcore.basics import patch
 
 
@@ -56,6 +57,7 @@ class TrainConfig:
     eval_examples: int = 16               # validation examples per task
     gradient_checkpointing: bool | str = "auto"   # auto: off where the activations fit in free memory (see memory_plan)
     frozen_weights: str = "auto"          # dense: 16-bit copies of the NF4 weights while training; bnb: dequantize per call
+    lora_function: bool = True            # each LoRA layer as one autograd function while training (chapter 4b); False: peft's
     mixed_precision: str = "auto"         # auto: bf16 or fp16 autocast on GPU (per compute dtype), none on CPU
     progress: bool = True
 
@@ -72,7 +74,7 @@ class TrainConfig:
             raise ValueError(f"gradient_checkpointing must be true, false or auto, got {self.gradient_checkpointing!r}")
         if self.frozen_weights not in ("auto", "dense", "bnb"):
             raise ValueError(f"frozen_weights must be auto, dense or bnb, got {self.frozen_weights!r}")
-        for k in ("group_by_length", "packing", "fused", "progress"):
+        for k in ("group_by_length", "packing", "fused", "lora_function", "progress"):
             if not isinstance(getattr(self, k), bool): raise ValueError(f"{k} must be true or false, got {getattr(self, k)!r}")
 
     @classmethod
@@ -217,6 +219,7 @@ def _setup_model(self: MultiLoRATrainer, model):
     else: opts = list(self.acc.prepare(*opts)) if len(opts) > 1 else [self.acc.prepare(opts[0])]
     self.model, self.optimizers = model, dict(zip(self.tasks, opts))
     self.copies = None                                          # the frozen weights' dense copies, while `train()` runs
+    self.lora_calls, self.lora_function_calls = None, 0         # its LoRA layers' one-function path (chapter 4b), and its calls
     in_opt = {n: sum(p.numel() for g in o.param_groups for p in g["params"]) for n, o in self.optimizers.items()}
     for n in self.tasks:
         assert in_opt[n] == sum(p.numel() for p in self.params[n]) > 0, f"adapter {n} is not fully in its optimizer"
@@ -430,6 +433,8 @@ def train(self: MultiLoRATrainer, resume: bool = False) -> dict:
     batches = self._batches()
     if self.plan["frozen_weights"] == "dense" and self.copies is None:
         self.copies = DenseCopies(plan_dense_copies(self.unwrapped.modules(), float("inf")))
+    if cfg.lora_function and self.lora_calls is None:
+        self.lora_calls = OneFunctionLoRA(self.unwrapped, self.copies.copies if self.copies is not None else None)
     ema, t0, tok_seen = {}, time.time(), 0
     bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not (cfg.progress and self.acc.is_main_process), desc="training")
     try:
@@ -454,8 +459,11 @@ def train(self: MultiLoRATrainer, resume: bool = False) -> dict:
     finally:
         bar.close()
         if log: log.close()
+        if self.lora_calls is not None:
+            self.lora_function_calls += self.lora_calls.calls
+            self.lora_calls.remove()                          # peft's own LoRA layers again
         if self.copies is not None: self.copies.remove()      # the model is NF4 alone again
-        self.copies = None
+        self.copies = self.lora_calls = None
     if self.acc.is_main_process: save_adapters(self.unwrapped, self.out/"adapters", tasks=list(self.tasks.values()))
     return self.summary()
 
