@@ -9,7 +9,7 @@ import warnings
 # %% auto #0
 __all__ = ['FROZEN_PATHS', 'is_nf4', 'standard_nf4_layout', 'nf4_dequantize', 'nf4_scales', 'rounding_gap', 'FrozenPath',
            'TorchPath', 'CompiledPath', 'DensePath', 'auto_frozen_path', 'frozen_path', 'dense_copy_bytes',
-           'plan_dense_copies', 'DenseCopies']
+           'plan_dense_copies', 'bnb_dequantize', 'DenseCopies']
 
 # %% ../nbs/07a_nf4.ipynb #7a43d2c3
 import importlib
@@ -212,15 +212,17 @@ def plan_dense_copies(modules, budget_bytes: float) -> list:
     return chosen
 
 # %% ../nbs/07a_nf4.ipynb #eab336fa
+def bnb_dequantize(module) -> torch.Tensor:
+    "The NF4 `module`'s weight dequantized by bitsandbytes, in the layer's compute dtype (its layout made standard first)."
+    import bitsandbytes.functional as bnbF
+    standard_nf4_layout(module)
+    w = module.weight
+    return bnbF.dequantize_4bit(w.data, w.quant_state).to(module.compute_dtype or w.quant_state.dtype)
+
 class DenseCopies:
     "NF4 layers running on dense copies of their weights, dequantized once by bitsandbytes, until `remove()`."
     def __init__(self, modules):
-        import bitsandbytes.functional as bnbF
-        self.copies = {}
-        for m in modules:
-            standard_nf4_layout(m)
-            w = m.weight
-            self.copies[m] = bnbF.dequantize_4bit(w.data, w.quant_state).to(m.compute_dtype or w.quant_state.dtype)
+        self.copies = {m: bnb_dequantize(m) for m in modules}
         self.replaced = {m: m.__dict__.get("forward") for m in self.copies}   # accelerate's hooks live there too
         for m, w in self.copies.items(): m.forward = _dense_forward(m, w)
 
