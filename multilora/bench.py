@@ -13,7 +13,8 @@ __all__ = ['SHAPES', 'TRL_LABEL', 'CLIENTS', 'VARIANT_TILINGS', 'random_model', 
            'eval_summary', 'run_tutorial', 'format_tutorial', 'trl_train_row', 'bench_train', 'format_train_bench',
            'bench_fused', 'format_fused_bench', 'bench_ddp', 'format_ddp', 'bench_serve', 'bench_prompts',
            'format_bench', 'bench_profile', 'format_profile', 'bench_kernels', 'format_kernel_bench', 'bench_diag',
-           'format_diag', 'bench_prefill', 'format_prefill', 'bench_kernel_variants', 'format_kernel_variants']
+           'format_diag', 'bench_residency', 'format_residency', 'bench_prefill', 'format_prefill',
+           'bench_kernel_variants', 'format_kernel_variants']
 
 # %% ../nbs/10_benchmarks.ipynb #40c49ec5
 import numpy as np
@@ -573,6 +574,12 @@ from .server import BackgroundServer, create_app
 from .testing import marker_adapters
 
 # %% ../nbs/10_benchmarks.ipynb #b295c7c4
+def _marker_adapters(base_model: str | os.PathLike | None, directory, words: dict[str, str]) -> Path:
+    "`marker_adapters` for `base_model` (a folder, or None: the embedded model), sized to its hidden layer."
+    from transformers import AutoConfig
+    hidden = {} if base_model is None else {"hidden_size": AutoConfig.from_pretrained(str(base_model)).hidden_size}
+    return marker_adapters(load_tokenizer(None if base_model is None else str(base_model)), directory, words, **hidden)
+
 async def _bench_level(url: str, models: list[str], concurrency: int, n_requests: int, max_new_tokens: int,
                        prompts: list[str], api_key: str | None = None, ignore_eos: bool = False) -> dict:
     "`concurrency` clients send `n_requests` completions in all; throughput and latency."
@@ -629,7 +636,7 @@ def bench_serve(adapters: str | os.PathLike | None = None, engines: tuple[str, .
     if adapters is None:   # marker adapters never emit EOS, so every request generates exactly max_new_tokens
         tmp = tempfile.mkdtemp(prefix="multilora-bench-")
         from multilora.model import load_tokenizer
-        adapters = marker_adapters(load_tokenizer(base_model), tmp, {"alpha": " alpha", "beta": " beta", "gamma": " gamma"})
+        adapters = _marker_adapters(base_model, tmp, {"alpha": " alpha", "beta": " beta", "gamma": " gamma"})
     try:
         model, tok, name, _ = load_for_serving(adapters, base_model, quantization)
         models = adapter_names(model) + ([name] if include_base else [])
@@ -661,6 +668,7 @@ def bench_serve(adapters: str | os.PathLike | None = None, engines: tuple[str, .
                 cfg[f"{label} cuda_graphs"] = stats["cuda_graphs"]
                 cfg[f"{label} frozen_weights"] = stats["frozen_weights"]  # the path it ran, after any fallback
                 if stats.get("frozen_choices"): cfg[f"{label} frozen_choices"] = stats["frozen_choices"]
+                if stats.get("dense_copy_bytes"): cfg[f"{label} dense_copy_bytes"] = stats["dense_copy_bytes"]
                 cfg[f"{label} timing"] = stats["timing"]
                 cfg[f"{label} trace"] = stats["trace"]            # per step, for plots
             _save(results, output)   # partial results survive a kill
@@ -831,6 +839,7 @@ def bench_kernels(shape: str = "tiny", rows: tuple[int, ...] = (1, 16, 64), reps
     timer = lambda fn: _time(fn, reps, cuda=device == "cuda")
     dense = torch.compile(_dequantize_nf4, dynamic=False) if device == "cuda" else _dequantize_nf4
     paths = {"bnb": {"path": "bnb"}, "dequantize_mm": {"path": "compiled" if device == "cuda" else "torch"},
+             "one_pass_mm": {"path": "dequantize"},
              "fused": {"path": "fused"}, **{f"bnb_gemm_{c}": {"path": "bnb_gemm", "chunk": c} for c in chunks},
              "16bit": {"path": "dense"}}                # each column: the engine's frozen_weights, its rows per call
     l2 = torch.cuda.get_device_properties(device).L2_cache_size if device == "cuda" else 0
@@ -847,18 +856,22 @@ def bench_kernels(shape: str = "tiny", rows: tuple[int, ...] = (1, 16, 64), reps
         layers = _graph_copies(lin)      # on a GPU, copies filling 4x the L2 cache: a graph reads memory as a step does
         copies = len(layers)
         w16 = [nf4_dequantize(l.weight).to(dtype) for l in layers]
-        fused, gemm = [], []
+        fused, gemm, one_pass = [], [], []
         if device == "cuda":
-            from multilora.kernels import BnbGemm, NF4Matmul, tune
+            from multilora.kernels import BnbGemm, NF4Dequantize, NF4Matmul, tune
             fused = [NF4Matmul(l) for l in layers]
+            one_pass = [NF4Dequantize(l) for l in layers]
+            scratch = torch.empty(out_f * in_f, device=device, dtype=dtype)     # shared, as the engine shares it
             try: gemm = [BnbGemm(l) for l in layers]
             except (RuntimeError, ValueError) as e: res["config"]["bnb_gemm_error"] = f"{type(e).__name__}: {e}"
         calls = {"bnb": lambda i, x: layers[i](x),                   # column: copy i of the layer on x
                  "dequantize_mm": lambda i, x: F.linear(x, nf4_dequantize(layers[i].weight, dense).to(dtype)),
+                 "one_pass_mm": lambda i, x: F.linear(x, one_pass[i](scratch)),
                  "fused": lambda i, x: fused[i](x),
                  **{f"bnb_gemm_{c}": (lambda i, x, c=c: gemm[i](x, c)) for c in chunks},
                  "16bit": lambda i, x: F.linear(x, w16[i])}
-        ran = {k for k in calls if not ((k == "fused" and not fused) or (k.startswith("bnb_gemm") and not gemm))}
+        ran = {k for k in calls if not ((k == "fused" and not fused) or (k.startswith("bnb_gemm") and not gemm)
+                                        or (k == "one_pass_mm" and not one_pass))}
         for n in rows:
             x = torch.randn(n, in_f, device=device, dtype=dtype)
             row = {"layer": group, "out": out_f, "in": in_f, "per_block": count, "rows": n, "copies": copies,
@@ -879,7 +892,7 @@ def bench_kernels(shape: str = "tiny", rows: tuple[int, ...] = (1, 16, 64), reps
                     try: row[f"{k}_graph_us"] = _graph_time([lambda i=i: fn(i, x) for i in range(copies)], reps) * 1e6
                     except Exception as e: res["graph_errors"][f"{group}, {n} rows, {k}"] = f"{type(e).__name__}: {e}"
             res["layers"].append(row)
-        del lin, layers, w16, fused, gemm, calls
+        del lin, layers, w16, fused, gemm, one_pass, calls
         if device == "cuda": torch.cuda.empty_cache()
     blocks = SHAPES[shape]["num_hidden_layers"]
     for total, suffix in (("per_step_ms", "_us"), ("per_step_graph_ms", "_graph_us")):
@@ -896,7 +909,8 @@ def format_kernel_bench(res: dict) -> str:
     chunks = c.get("chunks", [])
     f = lambda v: "-" if v is None else f"{v:.1f}"
     gemm_head = "".join(f" {f'gemm/{k} µs':>10}" for k in chunks)
-    head = (f"{'layer':<20} {'out x in':>12} {'rows':>4} {'bnb µs':>8} {'deq+mm µs':>9} {'fused µs':>8}{gemm_head} "
+    head = (f"{'layer':<20} {'out x in':>12} {'rows':>4} {'bnb µs':>8} {'deq+mm µs':>9} {'1pass+mm µs':>11} "
+            f"{'fused µs':>8}{gemm_head} "
             f"{'16-bit µs':>9}")
     lines = [f"one NF4 layer of the {c['shape']} shape, {c['dtype']}, on {c['device']}"]
     graphed = any(r.get("bnb_graph_us") is not None or r.get("16bit_graph_us") is not None for r in res["layers"])
@@ -907,6 +921,7 @@ def format_kernel_bench(res: dict) -> str:
             gemm = "".join(f" {f(r.get(f'bnb_gemm_{k}{suffix}')):>10}" for k in chunks)
             lines.append(f"{r['layer']:<20} {str(r['out']) + 'x' + str(r['in']):>12} {r['rows']:>4} "
                          f"{f(r.get('bnb' + suffix)):>8} {f(r.get('dequantize_mm' + suffix)):>9} "
+                         f"{f(r.get('one_pass_mm' + suffix)):>11} "
                          f"{f(r.get('fused' + suffix)):>8}{gemm} {f(r.get('16bit' + suffix)):>9}")
     errors = [r["bnb_gemm_error"] for r in res["layers"] if r.get("bnb_gemm_error") is not None]
     if errors:
@@ -1023,6 +1038,65 @@ def format_diag(res: dict) -> str:
         lines += [f"  prefill of {p['prompts']} x {p['tokens']} tokens: {p['ms']} ms -> "
                   f"{p['tokens_per_s']:,} prompt tokens/s" for p in r["prefill"]]
         if "eager_profile" in r: lines.append(r["eager_profile"])
+    return "\n".join(lines)
+
+# %% ../nbs/10_benchmarks.ipynb #354868ae
+def bench_residency(base_model: str | os.PathLike | None = None, adapters: str | os.PathLike | None = None,
+                    budgets: tuple[float, ...] = (0, 1, 2, 4, 8, 16), frozen_weights: str = "auto", batch: int = 64,
+                    prompt_tokens: int = 128, max_len: int = 256, reps: int = 20,
+                    output: str | os.PathLike | None = "bench_residency.json", verbose: bool = True) -> dict:
+    "Decode steps of the fast engine at each GPU memory budget for 16-bit copies: the memory held against tokens/s."
+    import gc
+    from multilora.adapters import load_adapters
+    from multilora.nf4 import HybridPath
+    from multilora.runner import FastLoRA
+    cuda = torch.cuda.is_available()
+    gb = lambda: round(torch.cuda.memory_allocated() / 2**30, 2) if cuda else None
+    tmp = None
+    if adapters is None:
+        tmp = tempfile.mkdtemp(prefix="multilora-bench-")
+        adapters = _marker_adapters(base_model, tmp, {"alpha": " alpha", "beta": " beta"})
+    try:
+        m, tok = load_base_model(None if base_model is None else str(base_model))
+        model = load_adapters(m, adapters)
+        model.eval()
+        ids = [tok(p)["input_ids"] for p in bench_prompts(tok, prompt_tokens)]
+        res = {"config": {"model": str(base_model or "the embedded model"), "device": _device_name(), "batch": batch, "max_len": max_len,
+                          "prompt_tokens": len(ids[0]), "model_gb": gb()}, "budgets": []}
+        f = FastLoRA(model, max_batch_size=batch, max_len=max_len, frozen_weights=frozen_weights)
+        inner = f.frozen_path
+        res["config"]["frozen_weights"] = inner.name
+        for budget in budgets:
+            f.frozen_path = HybridPath(inner, budget * 1e9) if budget else inner
+            f.frozen_path.start()
+            f.drop_graphs()                                      # each budget gets graphs of its own
+            f.cuda_graphs, f.graph_error = cuda, None
+            f.capture_graphs()
+            r = {"budget_gb": budget, "path": f.frozen_path.name, "memory_gb": gb(), "graph_error": f.graph_error,
+                 "dense_gb": round(getattr(f.frozen_path, "dense_bytes", 0) / 2**30, 2),
+                 "dense_groups": sorted({g for _, g in getattr(f.frozen_path, "dense", {})})}
+            _diag_steps(f, ids, batch, reps, r)
+            r["tokens_per_s"] = round(batch / r["decode_ms"] * 1e3)
+            r["tokens_per_s_1"] = round(1 / r["decode_1_ms"] * 1e3)
+            res["budgets"].append(r)
+            if verbose: print(format_residency({"config": res["config"], "budgets": [r]}).splitlines()[-1], flush=True)
+            f.frozen_path = inner                                # the copies go with the hybrid path
+            gc.collect()
+            if cuda: torch.cuda.empty_cache()
+        return _report(res, format_residency, False, output)
+    finally:
+        if tmp: shutil.rmtree(tmp, ignore_errors=True)
+
+def format_residency(res: dict) -> str:
+    "Memory against decode speed, a line per budget."
+    c = res["config"]
+    lines = [f"{c['model']} on {c['device']}: decode steps at {c['batch']} rows and at 1, NF4 path {c.get('frozen_weights')}",
+             f"{'budget GB':>9} {'copies GiB':>10} {'allocated GiB':>13} {'ms/step':>8} {'tok/s':>7} {'ms at 1':>8} "
+             f"{'tok/s at 1':>10}  groups in 16 bits"]
+    for r in res["budgets"]:
+        lines.append(f"{r['budget_gb']:>9} {r['dense_gb']:>10} {r['memory_gb'] or 0:>13} {r['decode_ms']:>8} "
+                     f"{r['tokens_per_s']:>7} {r['decode_1_ms']:>8} {r['tokens_per_s_1']:>10}  "
+                     f"{', '.join(r['dense_groups']) or '-'}")
     return "\n".join(lines)
 
 # %% ../nbs/10_benchmarks.ipynb #pref0002

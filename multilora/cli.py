@@ -95,7 +95,8 @@ def _cmd_serve(args):
     serve(args.adapters, engine=args.engine, host=args.host, port=args.port, max_batch_size=args.max_batch_size,
           batch_window_ms=args.batch_window_ms, max_queue=args.max_queue, api_key=args.api_key, base_model=args.base,
           adapter_root=args.adapter_root,
-          **({"max_len": args.max_len, "frozen_weights": args.frozen_weights} if args.engine == "fast" else {}))
+          **({"max_len": args.max_len, "frozen_weights": args.frozen_weights,
+              "gpu_memory_budget": args.gpu_memory_budget} if args.engine == "fast" else {}))
 
 # %% ../nbs/09_cli.ipynb #340aacbe
 def _ints(s: str) -> tuple[int, ...]: return tuple(int(x) for x in s.split(","))
@@ -125,7 +126,8 @@ def _bench_serve(a):
                 max_batch_size=a.max_batch_size, base_model=a.base, output=a.json, base_only=a.base_only,
                 prompt_tokens=a.prompt_tokens, requests_per_level=a.requests,
                 max_concurrency={"locked": a.locked_max_concurrency},
-                engine_kw={"fast": {"max_len": a.max_len, "frozen_weights": a.frozen_weights}}, clients=a.clients, waves=a.waves)
+                engine_kw={"fast": {"max_len": a.max_len, "frozen_weights": a.frozen_weights,
+                                    "gpu_memory_budget": a.gpu_memory_budget}}, clients=a.clients, waves=a.waves)
 
 # %% ../nbs/09_cli.ipynb #76c2f1f2
 def _bench_kernels(a):
@@ -136,6 +138,11 @@ def _bench_diag(a):
     from multilora.bench import bench_diag
     bench_diag(a.base, a.adapters, modes=_names(a.modes), batch=a.batch, max_new_tokens=a.max_new_tokens,
                prompt_tokens=a.prompt_tokens, max_len=a.max_len, output=a.json)
+
+def _bench_residency(a):
+    from multilora.bench import bench_residency
+    bench_residency(a.base, a.adapters, budgets=tuple(float(b) for b in _names(a.budgets)),
+                    frozen_weights=a.frozen_weights, batch=a.batch, output=a.json)
 
 def _bench_prefill(a):
     from multilora.bench import bench_prefill
@@ -231,7 +238,10 @@ def _bench_serving_suites(suites):
     s.add_argument("--locked-max-concurrency", type=int, default=16, help="skip higher levels for the (slow) locked engine")
     s.add_argument("--max-len", type=int, default=1024, help="the fast engine's KV cache length")
     s.add_argument("--frozen-weights", "--dequantize", dest="frozen_weights", default="auto",
-                   help="how the fast engine runs the frozen NF4 layers: auto, bnb, torch, compiled, fused or dense")
+                   help="how the fast engine runs the frozen NF4 layers: auto, bnb, torch, compiled, dequantize, bnb_gemm, fused or dense")
+    s.add_argument("--gpu-memory-budget", type=float, default=None, metavar="GB",
+                   help="the fast engine keeps 16-bit copies of the heaviest frozen projections in this many GB, "
+                        "the rest in NF4 (default: none)")
     s.add_argument("--clients", default="process", choices=["process", "thread"],
                    help="run the load generator in its own process (default) or in a thread of the server's process")
     _add_serving_args(s)
@@ -246,6 +256,12 @@ def _bench_serving_suites(suites):
     s.add_argument("--max-new-tokens", type=int, default=64)
     s.add_argument("--prompt-tokens", type=int, default=128)
     s.add_argument("--max-len", type=int, default=256)
+    s = _suite(suites, "residency", _bench_residency, "the fast engine's memory against speed, per --gpu-memory-budget")
+    s.add_argument("--base", default=None, help=_BASE_HELP)
+    s.add_argument("--adapters", default=None, help="adapters folder (default: two marker adapters)")
+    s.add_argument("--budgets", default="0,1,2,4,8,16", help="GB for 16-bit copies, one run each")
+    s.add_argument("--frozen-weights", default="auto", help="the NF4 path for the rest")
+    s.add_argument("--batch", type=int, default=64)
     s = _suite(suites, "prefill", _bench_prefill, "the fast engine's prefill on the first blocks of a model shape")
     s.add_argument("--shape", default="llama-2-7b")
     s.add_argument("--blocks", type=int, default=4)
@@ -323,7 +339,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="batched (default), locked, or fast (continuous batching, CUDA graphs; Llama-family models)")
     v.add_argument("--max-len", type=int, default=1024, help="fast engine: longest prompt + completion, in tokens")
     v.add_argument("--frozen-weights", "--dequantize", dest="frozen_weights", default="auto",
-                   help="fast engine: how NF4 layers run (auto, bnb, torch, compiled, fused, or dense: a 16-bit copy)")
+                   help="fast engine: how NF4 layers run (auto, bnb, torch, compiled, dequantize, bnb_gemm, fused, or dense: a 16-bit copy)")
+    v.add_argument("--gpu-memory-budget", type=float, default=None, metavar="GB",
+                   help="the fast engine keeps 16-bit copies of the heaviest frozen projections in this many GB, "
+                        "the rest in NF4 (default: none)")
     v.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     v.add_argument("--port", type=int, default=8000)
     v.add_argument("--batch-window-ms", type=float, default=5.0, help="how long the batched engine gathers requests")

@@ -20,11 +20,12 @@ class FastEngine(Engine):
     "Continuous batching over `FastLoRA` (the runner) and its `Scheduler`: requests join between decode steps."
     kind = "fast"
     def __init__(self, model, tokenizer, max_batch_size: int = 32, max_len: int = 1024, cuda_graphs: bool | None = None,
-                 frozen_weights: str = "auto", capture: bool = True, burst_s: float = 0.05, **kw):
+                 frozen_weights: str = "auto", gpu_memory_budget: float | None = None, capture: bool = True,
+                 burst_s: float = 0.05, **kw):
         super().__init__(model, tokenizer, **kw)
         self.burst_s = burst_s                       # steps per hand-off to the model thread: at most this long
         self.runner = FastLoRA(model, max_batch_size=max_batch_size, max_len=max_len, cuda_graphs=cuda_graphs,
-                               frozen_weights=frozen_weights)
+                               frozen_weights=frozen_weights, gpu_memory_budget=gpu_memory_budget)
         self.scheduler = Scheduler(self.runner, tokenizer)
         if capture: self.runner.capture_graphs()     # at start-up, not in the first requests' time (no-op if off)
         self.futures: dict[str, asyncio.Future] = {}
@@ -58,6 +59,7 @@ class FastEngine(Engine):
         r, s = self.runner, self.scheduler
         return {"frozen_weights": r.frozen_weights, "cuda_graphs": r.cuda_graphs or r.graph_error,
                 "frozen_choices": getattr(r.frozen_path, "choices", None),   # a path that picks a kernel per batch size
+                "dense_copy_bytes": getattr(r.frozen_path, "dense_bytes", None),   # 16-bit copies under a memory budget
                 "timing": {**s.timing, "decode_steps": s.steps}, "trace": list(s.trace)}
 
 # %% ../nbs/07e_fast_engine.ipynb #839b51d4

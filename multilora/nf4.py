@@ -8,8 +8,8 @@ import warnings
 
 # %% auto #0
 __all__ = ['FROZEN_PATHS', 'is_nf4', 'standard_nf4_layout', 'nf4_dequantize', 'nf4_scales', 'rounding_gap', 'FrozenPath',
-           'TorchPath', 'CompiledPath', 'DensePath', 'auto_frozen_path', 'frozen_path', 'dense_copy_bytes',
-           'plan_dense_copies', 'bnb_dequantize', 'DenseCopies']
+           'TorchPath', 'CompiledPath', 'stacked_bias', 'DensePath', 'auto_frozen_path', 'frozen_path',
+           'dense_copy_bytes', 'plan_dense_copies', 'bnb_dequantize', 'DenseCopies', 'HybridPath']
 
 # %% ../nbs/07a_nf4.ipynb #7a43d2c3
 import importlib
@@ -131,6 +131,12 @@ class CompiledPath(TorchPath):
         self.dequantize = compiled
 
 # %% ../nbs/07a_nf4.ipynb #ca012dde
+def stacked_bias(lins: list, dtype: torch.dtype, device) -> torch.Tensor | None:
+    "The biases of layers `lins` side by side (zeros for a layer without one), as their stacked matrix needs; or None."
+    if all(l.bias is None for l in lins): return None
+    return torch.cat([torch.zeros(l.out_features, dtype=dtype, device=device) if l.bias is None else l.bias.to(dtype)
+                      for l in lins])
+
 class DensePath(FrozenPath):
     "16-bit copies of the NF4 weights, made once at start-up; the layers of a group (q|k|v, gate|up) become one matrix."
     name = "dense"
@@ -142,10 +148,7 @@ class DensePath(FrozenPath):
                 if not all(l in self.nf4 for l in lins): continue
                 cd = lins[0].compute_dtype or lins[0].weight.quant_state.dtype
                 w = torch.cat([nf4_dequantize(l.weight).to(cd) for l in lins])
-                b = None if all(l.bias is None for l in lins) else torch.cat(
-                    [torch.zeros(l.out_features, dtype=cd, device=w.device) if l.bias is None else l.bias.to(cd)
-                     for l in lins])
-                self.grouped[(i, g)] = (w, b)
+                self.grouped[(i, g)] = (w, stacked_bias(lins, cd, w.device))
         in_groups = {l for i, g in self.grouped for l in self.groups[i][g]}
         self.dense = {m: nf4_dequantize(m.weight).to(m.compute_dtype or m.weight.quant_state.dtype)
                       for m in self.nf4 - in_groups}
@@ -164,6 +167,7 @@ class DensePath(FrozenPath):
 # %% ../nbs/07a_nf4.ipynb #e3bd316b
 FROZEN_PATHS: dict[str, type | str] = {"bnb": FrozenPath, "torch": TorchPath, "compiled": CompiledPath,
                                        "dense": DensePath, "fused": "multilora.kernels:FusedPath",
+                                       "dequantize": "multilora.kernels:DequantizePath",
                                        "bnb_gemm": "multilora.kernels:BnbGemmPath"}
 
 def _path_class(name: str) -> type:
@@ -174,11 +178,11 @@ def _path_class(name: str) -> type:
     return cls
 
 def auto_frozen_path(device: torch.device) -> str:
-    "The default path on `device`: compiled dequantization on a GPU (plain torch without Triton), bitsandbytes on CPU."
+    "The default path on `device`: `bnb_gemm` on a GPU (plain torch without Triton), bitsandbytes on a CPU."
     if torch.device(device).type != "cuda": return "bnb"
     try: import triton  # noqa: F401
     except ImportError: return "torch"
-    return "compiled"
+    return "bnb_gemm"
 
 def frozen_path(name: str, groups: list[dict[str, list]], modules, device, decode_rows: list[int]) -> FrozenPath:
     "The started frozen-layer path `name` (or `'auto'`), or the first of its fallbacks whose start-up check passes."
@@ -204,11 +208,15 @@ def dense_copy_bytes(module: torch.nn.Module) -> int:
     qs = module.weight.quant_state
     return qs.shape.numel() * torch.empty(0, dtype=module.compute_dtype or qs.dtype).element_size()
 
-def plan_dense_copies(modules, budget_bytes: float) -> list:
-    "The NF4 layers among `modules` whose dense copies fit in `budget_bytes`, heaviest first."
+def plan_dense_copies(items, budget_bytes: float) -> list:
+    "The NF4 layers (or groups of them, as lists) among `items` whose dense copies fit in `budget_bytes`, heaviest first."
+    group = lambda it: list(it) if isinstance(it, (list, tuple)) else [it]
+    size = lambda it: sum(map(dense_copy_bytes, group(it)))
     chosen, left = [], budget_bytes
-    for m in sorted((m for m in modules if is_nf4(m)), key=dense_copy_bytes, reverse=True):
-        if dense_copy_bytes(m) <= left: chosen.append(m); left -= dense_copy_bytes(m)
+    for it in sorted((it for it in items if all(map(is_nf4, group(it)))), key=size, reverse=True):
+        if size(it) <= left:
+            chosen.append(it)
+            left -= size(it)
     return chosen
 
 # %% ../nbs/07a_nf4.ipynb #eab336fa
@@ -242,3 +250,30 @@ def _dense_forward(module, w: torch.Tensor):
         b = None if module.bias is None else module.bias.to(w.dtype)
         return F.linear(x.to(w.dtype), w, b).to(x.dtype)
     return forward
+
+# %% ../nbs/07a_nf4.ipynb #52a824c8
+class HybridPath(FrozenPath):
+    "16-bit copies of the heaviest projection groups that fit `budget_bytes`; the NF4 path `inner` for the rest."
+    def __init__(self, inner: FrozenPath, budget_bytes: float):
+        if not budget_bytes >= 0: raise ValueError(f"the memory budget must be at least 0 bytes, not {budget_bytes}")
+        self.groups, self.device, self.decode_rows, self.nf4 = inner.groups, inner.device, inner.decode_rows, inner.nf4
+        self.inner, self.budget_bytes, self.name = inner, budget_bytes, f"{inner.name}+dense"
+
+    def start(self):
+        keys = {id(lins): (i, g) for i, groups in enumerate(self.groups) for g, lins in groups.items()}
+        chosen = plan_dense_copies([lins for groups in self.groups for lins in groups.values()], self.budget_bytes)
+        self.dense = {}
+        for lins in chosen:
+            w = torch.cat([bnb_dequantize(l) for l in lins])
+            self.dense[keys[id(lins)]] = (w, stacked_bias(lins, w.dtype, w.device))
+        self.dense_bytes = sum(w.numel() * w.element_size() for w, _ in self.dense.values())
+
+    @property
+    def choices(self) -> dict | None: return getattr(self.inner, "choices", None)   # what the NF4 path picked
+
+    def apply(self, lin, x): return self.inner.apply(lin, x)
+
+    def apply_group(self, key, lins, x):
+        dense = self.dense.get(key)
+        if dense is None: return self.inner.apply_group(key, lins, x)
+        return F.linear(x.to(dense[0].dtype), *dense).to(x.dtype)

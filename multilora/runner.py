@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 from .adapters import adapter_names
-from .nf4 import frozen_path, is_nf4, standard_nf4_layout
+from .nf4 import HybridPath, frozen_path, is_nf4, standard_nf4_layout
 from fastcore.basics import patch
 
 
@@ -114,7 +114,7 @@ def _check_architecture(config, max_len: int):
 class FastLoRA:
     "A Llama-style decoder with every adapter stacked, a KV cache of fixed slots, and CUDA-graph decode steps."
     def __init__(self, model, max_batch_size: int = 32, max_len: int = 1024, cuda_graphs: bool | None = None,
-                 max_prefill_tokens: int = 8192, frozen_weights: str = "auto"):
+                 max_prefill_tokens: int = 8192, frozen_weights: str = "auto", gpu_memory_budget: float | None = None):
         self.model = model
         self.base = model.get_base_model() if isinstance(model, PeftModel) else model
         for m in self.base.modules():          # the bytes this engine reads must be in bitsandbytes' NF4 layout
@@ -149,6 +149,9 @@ class FastLoRA:
                        for mods in map(_projections, self.layers)]
         self.frozen_path = frozen_path(frozen_weights, self.frozen, self.base.modules(), self.device,
                                        self.batch_buckets)
+        if gpu_memory_budget:          # GB for 16-bit copies of the heaviest projection groups; the rest stay in NF4
+            self.frozen_path = HybridPath(self.frozen_path, gpu_memory_budget * 1e9)
+            self.frozen_path.start()
         self.refresh_adapters()
 
     @property
@@ -166,7 +169,12 @@ class FastLoRA:
         self.head_stack = StackedLoRA(self.lm_head, self.names, self.dtype, self.device, shared)
         self.onehot_buf = torch.zeros(self.max_batch_size, max(1, len(self.names)), dtype=self.dtype,
                                       device=self.device)
+        self.drop_graphs()
+
+    def drop_graphs(self):
+        "Forget the captured decode graphs and their memory pool; the next steps capture anew (after any weight change)."
         self.graphs.clear()
+        self.pool = None           # a pool whose graphs were freed cannot take new captures: PyTorch's allocator asserts
 
 # %% ../nbs/07c_runner.ipynb #9f625761
 @patch(as_prop=True)
@@ -321,7 +329,7 @@ def _run_graph(self: FastLoRA, B: int, L: int) -> torch.Tensor:
             self.graph_error = f"{type(e).__name__}: {e}"
             warnings.warn(f"CUDA graph capture failed ({self.graph_error}); the fast engine runs without graphs")
             self.cuda_graphs = False
-            self.graphs.clear()
+            self.drop_graphs()
             return self._decode(B, L)
     g, out = self.graphs[key]
     g.replay()

@@ -79,3 +79,40 @@ def test_bnb_gemm_engine_matches_the_model_as_loaded():
         assert rel(got, want) <= bound, (f"{what}: bnb_gemm differs from the model as loaded by {rel(got, want):.3g}, "
                                          f"more than {bound:.3g} (dense: {rel(dense, want):.3g}; "
                                          f"fused kernel at 64 rows: {fused_at_64})")
+
+@cuda
+def test_graphs_recaptured_after_the_weights_change():
+    "Adapters reloaded, or 16-bit copies taken under a memory budget: the decode graphs are captured again, not lost."
+    from multilora.nf4 import HybridPath
+    base, tok = load_base_model(quantization="nf4")
+    fast = FastLoRA(base, max_batch_size=8, max_len=128)                           # "auto": bnb_gemm on a GPU
+    assert fast.frozen_weights == "bnb_gemm", fast.frozen_weights
+    ids = tok(PROMPTS[0])["input_ids"]
+    fast.prefill([ids[:-1]], [0], [-1])
+    step = lambda: fast.decode({0: ids[-1]}, {0: len(ids) - 1}, {0: -1})[:1].float()
+    before = step()
+    fast.refresh_adapters()                                   # what loading or deleting an adapter does
+    again = step()
+    assert fast.graph_error is None and fast.graphs, fast.graph_error
+    assert torch.equal(before, again)
+    inner = fast.frozen_path
+    fast.frozen_path = HybridPath(inner, 1e9)                 # the small model fits whole: every group in 16 bits
+    fast.frozen_path.start()
+    fast.drop_graphs()
+    hybrid = step()
+    assert fast.graph_error is None and fast.graphs, fast.graph_error
+    assert sorted({g for _, g in fast.frozen_path.dense}) == ["down", "gate_up", "o", "qkv"]
+    rel = ((hybrid - before).norm() / before.norm()).item()
+    assert rel < 5e-2, f"16-bit copies moved the logits by {rel:.3g}"          # bf16 paths of the same weights
+
+def test_gpu_memory_budget_on_the_cpu():
+    "The engine's `gpu_memory_budget` takes 16-bit copies of the heaviest groups on any device, and serves the same logits."
+    base, tok = load_base_model(quantization="nf4", device_map="cpu")
+    ids = [tok(p)["input_ids"] for p in PROMPTS[:2]]
+    logits = {}
+    for budget in (None, 0.005, 1.0):
+        fast = FastLoRA(base, max_batch_size=2, max_len=64, gpu_memory_budget=budget)
+        logits[budget] = fast.prefill([i[:-1] for i in ids], [0, 1], [-1, -1]).float()
+        if budget: assert fast.frozen_weights == "bnb+dense" and fast.frozen_path.dense_bytes <= budget * 1e9
+    assert fast.frozen_path.dense_bytes > 0
+    for budget in (0.005, 1.0): torch.testing.assert_close(logits[budget], logits[None], rtol=1e-4, atol=1e-3)
