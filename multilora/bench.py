@@ -9,11 +9,11 @@ from pathlib import Path
 from typing import Callable
 
 # %% auto #0
-__all__ = ['SHAPES', 'TRL_LABEL', 'CLIENTS', 'VARIANT_TILINGS', 'random_model', 'random_adapters', 'baseline_train_loop',
-           'eval_summary', 'run_tutorial', 'format_tutorial', 'trl_train_row', 'bench_train', 'format_train_bench',
-           'bench_fused', 'format_fused_bench', 'bench_ddp', 'format_ddp', 'bench_serve', 'bench_prompts',
-           'format_bench', 'bench_profile', 'format_profile', 'bench_kernels', 'format_kernel_bench', 'bench_diag',
-           'format_diag', 'bench_residency', 'format_residency', 'bench_prefill', 'format_prefill',
+__all__ = ['SHAPES', 'TRL_LABEL', 'CLIENTS', 'SERVERS', 'VARIANT_TILINGS', 'random_model', 'random_adapters',
+           'baseline_train_loop', 'eval_summary', 'run_tutorial', 'format_tutorial', 'trl_train_row', 'bench_train',
+           'format_train_bench', 'bench_fused', 'format_fused_bench', 'bench_ddp', 'format_ddp', 'bench_serve',
+           'bench_prompts', 'format_bench', 'bench_profile', 'format_profile', 'bench_kernels', 'format_kernel_bench',
+           'bench_diag', 'format_diag', 'bench_residency', 'format_residency', 'bench_prefill', 'format_prefill',
            'bench_kernel_variants', 'format_kernel_variants']
 
 # %% ../nbs/10_benchmarks.ipynb #40c49ec5
@@ -570,7 +570,8 @@ def format_ddp(res: dict) -> str:
 import asyncio, statistics
 from .adapters import adapter_names
 from .engine import ENGINES, load_for_serving, make_engine
-from .server import BackgroundServer, create_app
+from .server import BackgroundServer, ServerProcess, create_app
+from .model import EMBEDDED_NAME
 from .testing import marker_adapters
 
 # %% ../nbs/10_benchmarks.ipynb #b295c7c4
@@ -612,7 +613,18 @@ def _bench_level_sync(*args, **kw) -> dict:
     "`_bench_level` run to its end: the body of the benchmark's client process."
     return asyncio.run(_bench_level(*args, **kw))
 
-CLIENTS = ("process", "thread")
+CLIENTS = SERVERS = ("process", "thread")
+
+def _serve_args(adapters, engine: str, max_batch_size: int, base_model, engine_kw: dict) -> list:
+    "`multilora serve`'s command line for one engine of the benchmark."
+    flags = {"max_len": "--max-len", "frozen_weights": "--frozen-weights", "gpu_memory_budget": "--gpu-memory-budget"}
+    unknown = set(engine_kw) - set(flags)
+    if unknown: raise ValueError(f"server='process' cannot pass {sorted(unknown)} to `multilora serve`")
+    args = ["--adapters", adapters, "--engine", engine, "--max-batch-size", max_batch_size, "--max-queue", 1024]
+    if base_model is not None: args += ["--base", base_model]
+    for k, v in engine_kw.items():
+        if v is not None: args += [flags[k], v]
+    return args
 
 def bench_serve(adapters: str | os.PathLike | None = None, engines: tuple[str, ...] = ("locked", "batched"),
                 concurrency: tuple[int, ...] = (1, 4, 8, 16), max_new_tokens: int = 16,
@@ -621,11 +633,14 @@ def bench_serve(adapters: str | os.PathLike | None = None, engines: tuple[str, .
                 output: str | os.PathLike | None = "bench_serve.json", include_base: bool = True, verbose: bool = True,
                 base_only: bool = False, ignore_eos: bool = True, prompt_tokens: int | None = None,
                 max_concurrency: dict[str, int] | None = None, engine_kw: dict | None = None, clients: str = "process",
-                waves: int = 2) -> dict:
+                waves: int = 2, server: str = "thread") -> dict:
     "Benchmark the engines side by side over HTTP on loopback: requests/s, tokens/s, p50/p95 latency per concurrency."
     unknown = set(engines) - set(ENGINES)
     if unknown: raise ValueError(f"Unknown engine(s) {sorted(unknown)}; choose from {', '.join(sorted(ENGINES))}")
     if clients not in CLIENTS: raise ValueError(f"clients must be one of {CLIENTS}, not {clients!r}")
+    if server not in SERVERS: raise ValueError(f"server must be one of {SERVERS}, not {server!r}")
+    if server == "process" and quantization != "nf4":
+        raise ValueError("server='process' runs `multilora serve`, which loads the base in NF4")
     tmp, pool = None, None
     if clients == "process":   # the load generator in a process of its own, so it does not take the server's GIL
         import multiprocessing
@@ -638,22 +653,31 @@ def bench_serve(adapters: str | os.PathLike | None = None, engines: tuple[str, .
         from multilora.model import load_tokenizer
         adapters = _marker_adapters(base_model, tmp, {"alpha": " alpha", "beta": " beta", "gamma": " gamma"})
     try:
-        model, tok, name, _ = load_for_serving(adapters, base_model, quantization)
-        models = adapter_names(model) + ([name] if include_base else [])
+        if server == "thread":
+            model, tok, name, _ = load_for_serving(adapters, base_model, quantization)
+            names = adapter_names(model)
+        else:                              # the model lives in the server's process; this one needs names and prompts
+            model, tok = None, load_tokenizer(None if base_model is None else str(base_model))
+            name = EMBEDDED_NAME if base_model is None else Path(str(base_model)).name
+            names = sorted(p.name for p in Path(adapters).iterdir() if (p/"adapter_config.json").exists())
+        models = names + ([name] if include_base else [])
         prompts = bench_prompts(tok, prompt_tokens)
         results = {"config": {"max_new_tokens": max_new_tokens, "max_batch_size": max_batch_size, "models": models,
                               "prompt_tokens": [len(tok(p)["input_ids"]) for p in prompts], "ignore_eos": ignore_eos,
                               "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                              "device": str(model.device),
+                              "device": str(model.device) if model is not None else "the server's process",
                               "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-                              "engine_kw": engine_kw or {}, "clients": clients}, "engines": {}}
+                              "engine_kw": engine_kw or {}, "clients": clients, "server": server}, "engines": {}}
         runs = [r for e in engines for r in [(e, models)] + ([(f"{e}/base", [name])] if base_only and e != "locked" else [])]
         for label, served in runs:
             e = label.split("/")[0]
-            eng = make_engine(model, tok, e, max_batch_size=max_batch_size, base_name=name, max_queue=1024,
-                              **(engine_kw or {}).get(e, {}))
+            kw = (engine_kw or {}).get(e, {})
+            if server == "thread":
+                eng = make_engine(model, tok, e, max_batch_size=max_batch_size, base_name=name, max_queue=1024, **kw)
+                running = BackgroundServer(create_app(eng, max_new_tokens=max(1024, max_new_tokens)))
+            else: eng, running = None, ServerProcess(_serve_args(adapters, e, max_batch_size, base_model, kw))
             rows = []
-            with BackgroundServer(create_app(eng, max_new_tokens=max(1024, max_new_tokens))) as url:
+            with running as url:
                 level(url, served, min(max(concurrency), max_batch_size), min(max(concurrency), max_batch_size),
                       2, prompts, ignore_eos=ignore_eos)   # warm-up (and CUDA graph capture)
                 for c in concurrency:
@@ -663,7 +687,7 @@ def bench_serve(adapters: str | os.PathLike | None = None, engines: tuple[str, .
                     if verbose: print(f"{label:>12} c={c:<3} {rows[-1]['tokens_per_s']:9.2f} tok/s  "
                                       f"p95 {rows[-1]['p95_latency_s']:.2f}s", flush=True)
             results["engines"][label] = rows
-            if hasattr(eng, "stats"):                            # the fast engine: what its runner and scheduler did
+            if hasattr(eng, "stats"):      # the fast engine in this process: what its runner and scheduler did
                 stats, cfg = eng.stats(), results["config"]
                 cfg[f"{label} cuda_graphs"] = stats["cuda_graphs"]
                 cfg[f"{label} frozen_weights"] = stats["frozen_weights"]  # the path it ran, after any fallback

@@ -127,7 +127,8 @@ def _bench_serve(a):
                 prompt_tokens=a.prompt_tokens, requests_per_level=a.requests,
                 max_concurrency={"locked": a.locked_max_concurrency},
                 engine_kw={"fast": {"max_len": a.max_len, "frozen_weights": a.frozen_weights,
-                                    "gpu_memory_budget": a.gpu_memory_budget}}, clients=a.clients, waves=a.waves)
+                                    "gpu_memory_budget": a.gpu_memory_budget}}, clients=a.clients, waves=a.waves,
+                server=a.server)
 
 # %% ../nbs/09_cli.ipynb #76c2f1f2
 def _bench_kernels(a):
@@ -242,6 +243,8 @@ def _bench_serving_suites(suites):
     s.add_argument("--gpu-memory-budget", type=float, default=None, metavar="GB",
                    help="the fast engine keeps 16-bit copies of the heaviest frozen projections in this many GB, "
                         "the rest in NF4 (default: none)")
+    s.add_argument("--server", default="thread", choices=["thread", "process"],
+                   help="serve from this process (default) or run `multilora serve` in its own, as a user does")
     s.add_argument("--clients", default="process", choices=["process", "thread"],
                    help="run the load generator in its own process (default) or in a thread of the server's process")
     _add_serving_args(s)

@@ -13,7 +13,7 @@ from typing import Any, Callable, ClassVar, Literal
 __all__ = ['MAX_STOP', 'MAX_PROMPTS', 'MAX_LOGPROBS', 'generate_router', 'completions_router', 'chat_router', 'models_router',
            'admin_router', 'ops_router', 'ROUTERS', 'StreamOptions', 'GenerateBody', 'CompletionBody', 'ChatMessage',
            'ChatBody', 'LoadLoraBody', 'UnloadLoraBody', 'ErrorDetail', 'ErrorBody', 'GuardMiddleware', 'create_app',
-           'free_port', 'BackgroundServer', 'serve']
+           'free_port', 'BackgroundServer', 'serve', 'ServerProcess']
 
 # %% ../nbs/07_server.ipynb #39634db4
 from fastapi import APIRouter, FastAPI, Request
@@ -512,3 +512,41 @@ def serve(adapters: str | os.PathLike, engine: str = "batched", host: str = "127
     if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
         warnings.warn(f"Serving on {host} without an API key: anyone who can reach it can use it and load adapters")
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=60)
+
+# %% ../nbs/07_server.ipynb #7e514504
+class ServerProcess:
+    "`multilora serve` as a user runs it, in a process of its own: `with ServerProcess(['--adapters', d]) as url: ...`."
+    def __init__(self, args: list, host: str = "127.0.0.1", port: int | None = None, start_timeout: float = 900):
+        import sys
+        self.host, self.port, self.start_timeout = host, port or free_port(host), start_timeout
+        self.cmd = [sys.executable, "-m", "multilora", "serve", *map(str, args), "--host", host, "--port", str(self.port)]
+
+    @property
+    def url(self) -> str: return f"http://{self.host}:{self.port}"
+
+    def __enter__(self) -> str:
+        import subprocess, urllib.request
+        self.log = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen(self.cmd, stdout=self.log, stderr=subprocess.STDOUT)
+        t0 = time.time()
+        while True:
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=5) as r:
+                    if r.status == 200: return self.url
+            except OSError: pass
+            if self.proc.poll() is not None or time.time() - t0 > self.start_timeout:
+                self.__exit__()
+                raise RuntimeError(f"`multilora serve` did not start (exit code {self.proc.returncode}):\n{self.output()}")
+            time.sleep(0.2)
+
+    def output(self, limit: int = 4000) -> str:
+        "The last `limit` characters the server printed."
+        self.log.seek(0)
+        return self.log.read().decode(errors="replace")[-limit:]
+
+    def __exit__(self, *exc):
+        import signal, subprocess
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)            # its graceful path: drain in-flight requests, then exit
+            try: self.proc.wait(60)
+            except subprocess.TimeoutExpired: self.proc.kill()
