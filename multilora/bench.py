@@ -1097,6 +1097,7 @@ def bench_residency(base_model: str | os.PathLike | None = None, adapters: str |
             f.cuda_graphs, f.graph_error = cuda, None
             f.capture_graphs()
             r = {"budget_gb": budget, "path": f.frozen_path.name, "memory_gb": gb(), "graph_error": f.graph_error,
+                 "dense_bytes": getattr(f.frozen_path, "dense_bytes", 0),
                  "dense_gb": round(getattr(f.frozen_path, "dense_bytes", 0) / 2**30, 2),
                  "dense_groups": sorted({g for _, g in getattr(f.frozen_path, "dense", {})})}
             _diag_steps(f, ids, batch, reps, r)

@@ -295,7 +295,7 @@ class DequantizePath(FrozenPath):
 
     def weight(self, lins: list) -> torch.Tensor:
         "The dequantized weights of `lins`, stacked by rows, in the shared scratch buffer (valid until the next call)."
-        ds = [self.deq.get(l) or NF4Dequantize(l) for l in lins]     # or a copy made for timing (`_graph_copies`)
+        ds = [self.deq[l] for l in lins]
         buf, at = self.scratch[ds[0].dtype], 0
         for d in ds:
             d(buf[at:at + d.numel])
@@ -416,10 +416,13 @@ class BnbGemmPath(DequantizePath):
         with torch.no_grad():
             for key, layers in by_shape.items():
                 gemms = [ops.get(l) or BnbGemm(l) for l in _graph_copies(layers[0], layers)]
+                for g in gemms:                                 # copies made for timing dequantize too, prepared now
+                    if g.layer not in self.deq: self.deq[g.layer] = NF4Dequantize(g.layer)
                 fused = {n: self._choose(gemms, n) == "fused" for n in rows}
                 for n in range(1, self.max_rows + 1):           # any row count: the choice of the bucket it pads to
                     bucket = next((r for r in rows if r >= n), None)
                     if bucket is not None: self.fused_rows[(key, n)] = fused[bucket]
+        self.deq = {m: d for m, d in self.deq.items() if m in self.nf4}       # the timing copies go
         self.ops = ops
 
     def _fused(self, lin, x) -> bool:
