@@ -618,12 +618,13 @@ CLIENTS = SERVERS = ("process", "thread")
 def _serve_args(adapters, engine: str, max_batch_size: int, base_model, engine_kw: dict) -> list:
     "`multilora serve`'s command line for one engine of the benchmark."
     flags = {"max_len": "--max-len", "frozen_weights": "--frozen-weights", "gpu_memory_budget": "--gpu-memory-budget"}
-    unknown = set(engine_kw) - set(flags)
+    unknown = set(engine_kw) - set(flags) - {"pipeline"}
     if unknown: raise ValueError(f"server='process' cannot pass {sorted(unknown)} to `multilora serve`")
     args = ["--adapters", adapters, "--engine", engine, "--max-batch-size", max_batch_size, "--max-queue", 1024]
     if base_model is not None: args += ["--base", base_model]
     for k, v in engine_kw.items():
-        if v is not None: args += [flags[k], v]
+        if k == "pipeline": args += [] if v else ["--no-pipeline"]
+        elif v is not None: args += [flags[k], v]
     return args
 
 def bench_serve(adapters: str | os.PathLike | None = None, engines: tuple[str, ...] = ("locked", "batched"),
@@ -857,13 +858,13 @@ def bench_kernels(shape: str = "tiny", rows: tuple[int, ...] = (1, 16, 64), reps
     import torch.nn.functional as F
     from multilora.nf4 import _dequantize_nf4, nf4_dequantize
     from multilora.model import pick_compute_dtype
-    from multilora.kernels import _graph_copies, _graph_time, _relative_error, _time
+    from multilora.kernels import GEMV_ROWS, _graph_copies, _graph_time, _relative_error, _time
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = pick_compute_dtype(device)
     timer = lambda fn: _time(fn, reps, cuda=device == "cuda")
     dense = torch.compile(_dequantize_nf4, dynamic=False) if device == "cuda" else _dequantize_nf4
     paths = {"bnb": {"path": "bnb"}, "dequantize_mm": {"path": "compiled" if device == "cuda" else "torch"},
-             "one_pass_mm": {"path": "dequantize"},
+             "one_pass_mm": {"path": "dequantize"}, "gemv": {"path": "bnb_gemm", "rows": "1 to GEMV_ROWS"},
              "fused": {"path": "fused"}, **{f"bnb_gemm_{c}": {"path": "bnb_gemm", "chunk": c} for c in chunks},
              "16bit": {"path": "dense"}}                # each column: the engine's frozen_weights, its rows per call
     l2 = torch.cuda.get_device_properties(device).L2_cache_size if device == "cuda" else 0
@@ -880,43 +881,49 @@ def bench_kernels(shape: str = "tiny", rows: tuple[int, ...] = (1, 16, 64), reps
         layers = _graph_copies(lin)      # on a GPU, copies filling 4x the L2 cache: a graph reads memory as a step does
         copies = len(layers)
         w16 = [nf4_dequantize(l.weight).to(dtype) for l in layers]
-        fused, gemm, one_pass = [], [], []
+        fused, gemm, one_pass, gemvs = [], [], [], []
         if device == "cuda":
-            from multilora.kernels import BnbGemm, NF4Dequantize, NF4Matmul, tune
+            from multilora.kernels import BnbGemm, NF4Dequantize, NF4Gemv, NF4Matmul, tune, tune_gemv
             fused = [NF4Matmul(l) for l in layers]
             one_pass = [NF4Dequantize(l) for l in layers]
+            gemvs = [NF4Gemv(l) for l in layers]
             scratch = torch.empty(out_f * in_f, device=device, dtype=dtype)     # shared, as the engine shares it
             try: gemm = [BnbGemm(l) for l in layers]
             except (RuntimeError, ValueError) as e: res["config"]["bnb_gemm_error"] = f"{type(e).__name__}: {e}"
         calls = {"bnb": lambda i, x: layers[i](x),                   # column: copy i of the layer on x
                  "dequantize_mm": lambda i, x: F.linear(x, nf4_dequantize(layers[i].weight, dense).to(dtype)),
                  "one_pass_mm": lambda i, x: F.linear(x, one_pass[i](scratch)),
-                 "fused": lambda i, x: fused[i](x),
+                 "fused": lambda i, x: fused[i](x), "gemv": lambda i, x: gemvs[i](x),
                  **{f"bnb_gemm_{c}": (lambda i, x, c=c: gemm[i](x, c)) for c in chunks},
                  "16bit": lambda i, x: F.linear(x, w16[i])}
         ran = {k for k in calls if not ((k == "fused" and not fused) or (k.startswith("bnb_gemm") and not gemm)
-                                        or (k == "one_pass_mm" and not one_pass))}
+                                        or (k == "one_pass_mm" and not one_pass) or (k == "gemv" and not gemvs))}
         for n in rows:
             x = torch.randn(n, in_f, device=device, dtype=dtype)
             row = {"layer": group, "out": out_f, "in": in_f, "per_block": count, "rows": n, "copies": copies,
-                   "fused_config": None, "bnb_gemm_error": None}
+                   "fused_config": None, "gemv_config": None, "bnb_gemm_error": None}
             with torch.no_grad():
                 if fused:
                     tune(fused[0], n)
                     from multilora.kernels import _BEST
                     row["fused_config"] = str(_BEST[fused[0].key(n, dtype)])
+                if gemvs and n <= GEMV_ROWS:
+                    times = tune_gemv(gemvs, n, reps)
+                    for g in gemvs: g.best[n] = min(times, key=times.get)
+                    row["gemv_config"] = str(gemvs[0].best[n])
                 if gemm:                                              # against bitsandbytes' own dequantize-then-matmul
                     w = bnb.functional.dequantize_4bit(lin.weight.data, lin.weight.quant_state)
                     want = F.linear(x, w.to(dtype))
                     row["bnb_gemm_error"] = max(_relative_error(gemm[0](x, c), want) for c in chunks)
                 for k, fn in calls.items():
-                    row[f"{k}_us"] = timer(lambda: fn(0, x)) * 1e6 if k in ran else None
+                    runs = k in ran and (k != "gemv" or n <= GEMV_ROWS)
+                    row[f"{k}_us"] = timer(lambda: fn(0, x)) * 1e6 if runs else None
                     row[f"{k}_graph_us"] = None
-                    if k not in ran or device != "cuda": continue
+                    if not runs or device != "cuda": continue
                     try: row[f"{k}_graph_us"] = _graph_time([lambda i=i: fn(i, x) for i in range(copies)], reps) * 1e6
                     except Exception as e: res["graph_errors"][f"{group}, {n} rows, {k}"] = f"{type(e).__name__}: {e}"
             res["layers"].append(row)
-        del lin, layers, w16, fused, gemm, one_pass, calls
+        del lin, layers, w16, fused, gemm, one_pass, gemvs, calls
         if device == "cuda": torch.cuda.empty_cache()
     blocks = SHAPES[shape]["num_hidden_layers"]
     for total, suffix in (("per_step_ms", "_us"), ("per_step_graph_ms", "_graph_us")):
@@ -934,7 +941,7 @@ def format_kernel_bench(res: dict) -> str:
     f = lambda v: "-" if v is None else f"{v:.1f}"
     gemm_head = "".join(f" {f'gemm/{k} µs':>10}" for k in chunks)
     head = (f"{'layer':<20} {'out x in':>12} {'rows':>4} {'bnb µs':>8} {'deq+mm µs':>9} {'1pass+mm µs':>11} "
-            f"{'fused µs':>8}{gemm_head} "
+            f"{'fused µs':>8} {'gemv µs':>8}{gemm_head} "
             f"{'16-bit µs':>9}")
     lines = [f"one NF4 layer of the {c['shape']} shape, {c['dtype']}, on {c['device']}"]
     graphed = any(r.get("bnb_graph_us") is not None or r.get("16bit_graph_us") is not None for r in res["layers"])
@@ -946,7 +953,7 @@ def format_kernel_bench(res: dict) -> str:
             lines.append(f"{r['layer']:<20} {str(r['out']) + 'x' + str(r['in']):>12} {r['rows']:>4} "
                          f"{f(r.get('bnb' + suffix)):>8} {f(r.get('dequantize_mm' + suffix)):>9} "
                          f"{f(r.get('one_pass_mm' + suffix)):>11} "
-                         f"{f(r.get('fused' + suffix)):>8}{gemm} {f(r.get('16bit' + suffix)):>9}")
+                         f"{f(r.get('fused' + suffix)):>8} {f(r.get('gemv' + suffix)):>8}{gemm} {f(r.get('16bit' + suffix)):>9}")
     errors = [r["bnb_gemm_error"] for r in res["layers"] if r.get("bnb_gemm_error") is not None]
     if errors:
         lines.append(f"bitsandbytes' fused GEMM against its dequantize-then-matmul: relative error ≤ {max(errors):.1e}")

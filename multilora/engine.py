@@ -73,6 +73,7 @@ class GenRequest:
     ignore_eos: bool = False            # run to max_new_tokens even past EOS (vLLM's flag; benchmarks use it)
     on_text: Callable[[str], None] | None = None  # streaming: called (from the model thread) with each new piece of text
     cancelled: threading.Event = field(default_factory=threading.Event)
+    prompt_ids: list[int] | None = None  # the prompt's token ids, once an engine has tokenized it
     created: float = field(default_factory=time.perf_counter)
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
 

@@ -21,12 +21,12 @@ class FastEngine(Engine):
     kind = "fast"
     def __init__(self, model, tokenizer, max_batch_size: int = 32, max_len: int = 1024, cuda_graphs: bool | None = None,
                  frozen_weights: str = "auto", gpu_memory_budget: float | None = None, capture: bool = True,
-                 burst_s: float = 0.05, **kw):
+                 burst_s: float = 0.05, pipeline: bool = True, **kw):
         super().__init__(model, tokenizer, **kw)
         self.burst_s = burst_s                       # steps per hand-off to the model thread: at most this long
         self.runner = FastLoRA(model, max_batch_size=max_batch_size, max_len=max_len, cuda_graphs=cuda_graphs,
                                frozen_weights=frozen_weights, gpu_memory_budget=gpu_memory_budget)
-        self.scheduler = Scheduler(self.runner, tokenizer)
+        self.scheduler = Scheduler(self.runner, tokenizer, pipeline=pipeline)   # greedy steps overlap the host's work
         if capture: self.runner.capture_graphs()     # at start-up, not in the first requests' time (no-op if off)
         self.futures: dict[str, asyncio.Future] = {}
         self.task: asyncio.Task | None = None
@@ -67,10 +67,7 @@ class FastEngine(Engine):
 def _step_safely(self: FastEngine) -> list:
     "One scheduler step on the model thread; if it raises, fail the requests it held and free their slots."
     try: return self.scheduler.step()
-    except Exception as e:
-        failed = [(s.req, e) for s in self.scheduler.active.values()]
-        self.scheduler.active.clear()
-        return failed
+    except Exception as e: return self.scheduler.fail_all(e)
 
 @patch
 def _steps(self: FastEngine, loop: asyncio.AbstractEventLoop):

@@ -8,8 +8,8 @@ import copy, math, time, warnings
 from dataclasses import dataclass
 
 # %% auto #0
-__all__ = ['CONFIGS', 'MAX_ROWS', 'KernelConfig', 'NF4Matmul', 'tune', 'FusedPath', 'NF4Dequantize', 'DequantizePath', 'BnbGemm',
-           'BnbGemmPath']
+__all__ = ['CONFIGS', 'MAX_ROWS', 'GEMV_ROWS', 'GEMV_CONFIGS', 'KernelConfig', 'NF4Matmul', 'tune', 'FusedPath', 'NF4Dequantize',
+           'DequantizePath', 'GemvConfig', 'NF4Gemv', 'BnbGemm', 'tune_gemv', 'BnbGemmPath']
 
 # %% ../nbs/07b_nf4_kernel.ipynb #98fdd3d9
 import torch
@@ -317,6 +317,90 @@ class DequantizePath(FrozenPath):
         if key in self.grouped: return self._matmul(lins, x)          # the group as one matrix, one cuBLAS call
         return super().apply_group(key, lins, x)
 
+# %% ../nbs/07b_nf4_kernel.ipynb #7f3257d7
+GEMV_ROWS = 4                     # the GEMV is a candidate for decode steps of at most this many rows
+
+@_jit
+def _sum_last(t):
+    "The sum of a 3-d tensor over its last axis (`tl.sum`'s reduction, which Triton's interpreter also runs in numpy)."
+    return tl.reduce(t, 2, tl.standard._sum_combine)
+
+def _nf4_gemv_kernel(x_ptr, w_ptr, q_ptr, absmax2_ptr, offset_ptr, code_ptr, code2_ptr, y_ptr, N, stride_xm, stride_ym,
+                     K: tl.constexpr, M: tl.constexpr, M_PAD: tl.constexpr, BLOCKSIZE: tl.constexpr,
+                     BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    "y = x @ W.T for the M (few) rows of x and this program's BLOCK_N output features; each NF4 byte read once."
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = tl.arange(0, M_PAD)
+    rj = tl.arange(0, BLOCK_K // 2)                        # byte j of the step: weights 2j (high nibble), 2j + 1 (low)
+    NB: tl.constexpr = BLOCK_K // BLOCKSIZE                 # quantization blocks per row and step
+    rb = tl.arange(0, NB)
+    acc = tl.full((M_PAD, BLOCK_N), 0.0, tl.float32)
+    for k0 in range(0, K, BLOCK_K):                         # K is a constexpr: Triton 3.6's interpreter needs int bounds
+        kk = k0 + 2 * rj
+        wmask = (rn[:, None] < N) & (kk[None, :] < K)
+        byte = tl.load(w_ptr + rn[:, None] * (K // 2) + kk[None, :] // 2, mask=wmask, other=0).to(tl.int32)
+        block = (rn[:, None] * K + k0) // BLOCKSIZE + rb[None, :]
+        scale = _nf4_block_scales(q_ptr, absmax2_ptr, offset_ptr, code2_ptr, block,
+                                  (rn[:, None] < N) & (k0 + rb[None, :] * BLOCKSIZE < K), BLOCKSIZE2, NESTED)
+        scale = scale[:, :, None]
+        hi = tl.reshape(tl.reshape(tl.load(code_ptr + (byte >> 4)), (BLOCK_N, NB, BLOCKSIZE // 2)) * scale,
+                        (BLOCK_N, BLOCK_K // 2)).to(x_ptr.dtype.element_ty).to(tl.float32)   # rounded as bnb rounds
+        lo = tl.reshape(tl.reshape(tl.load(code_ptr + (byte & 15)), (BLOCK_N, NB, BLOCKSIZE // 2)) * scale,
+                        (BLOCK_N, BLOCK_K // 2)).to(x_ptr.dtype.element_ty).to(tl.float32)
+        xmask = (rm[:, None] < M) & (kk[None, :] < K)
+        x_even = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=xmask, other=0.0).to(tl.float32)
+        x_odd = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :] + 1, mask=xmask, other=0.0).to(tl.float32)
+        acc += _sum_last(hi[None, :, :] * x_even[:, None, :] + lo[None, :, :] * x_odd[:, None, :])
+    y = y_ptr + rm[:, None] * stride_ym + rn[None, :]
+    tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+# %% ../nbs/07b_nf4_kernel.ipynb #a86938a3
+@dataclass(frozen=True)
+class GemvConfig:
+    "One tiling of the NF4 GEMV."
+    block_n: int = 8
+    block_k: int = 256
+    num_warps: int = 4
+
+GEMV_CONFIGS = (GemvConfig(8, 256, 4), GemvConfig(16, 256, 4), GemvConfig(4, 512, 4), GemvConfig(8, 512, 4),
+                GemvConfig(16, 512, 8), GemvConfig(32, 256, 8), GemvConfig(2, 1024, 4))
+
+class NF4Gemv:
+    "A bitsandbytes NF4 `Linear4bit` on a few rows by `_nf4_gemv_kernel`: each packed byte read once, no weight written."
+    def __init__(self, layer: torch.nn.Module):
+        self.deq = d = NF4Dequantize(layer)                    # the packed bytes, scales and codebook, as views
+        self.out_features, self.in_features = d.shape
+        if self.in_features % d.blocksize:
+            raise ValueError(f"NF4Gemv needs rows of whole blocks: in_features={self.in_features}, blocksize={d.blocksize}")
+        self.bias = None if layer.bias is None else layer.bias.detach()
+        self.best: dict[int, GemvConfig] = {}                  # rows -> tiling, from `tune_gemv`
+        self.layer = layer
+
+    def run(self, x: torch.Tensor, config: GemvConfig) -> torch.Tensor:
+        "`x @ W.T` for 2-d `x` of at most `GEMV_ROWS` rows, in x's dtype, with one tiling."
+        M, d = x.shape[0], self.deq
+        if not 0 < M <= GEMV_ROWS: raise ValueError(f"NF4Gemv is for 1 to {GEMV_ROWS} rows, not {M}")
+        if config.block_k % d.blocksize: raise ValueError(f"block_k={config.block_k} is not whole blocks of {d.blocksize}")
+        y = torch.empty(M, self.out_features, device=x.device, dtype=x.dtype)
+        q, absmax2, offset, code2 = d.scales
+        _kernel(x.device, _nf4_gemv_kernel)[(triton.cdiv(self.out_features, config.block_n),)](
+            x, d.packed, q, absmax2, offset, d.code, code2, y, self.out_features, x.stride(0), y.stride(0),
+            K=self.in_features, M=M, M_PAD=1 << (M - 1).bit_length(), BLOCKSIZE=d.blocksize, BLOCKSIZE2=d.blocksize2,
+            NESTED=d.nested, BLOCK_N=config.block_n, BLOCK_K=config.block_k, num_warps=config.num_warps)
+        return y
+
+    def fits(self, x: torch.Tensor) -> bool:
+        "Whether `x` has one to `GEMV_ROWS` rows."
+        return 0 < x.numel() <= self.in_features * GEMV_ROWS
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        "The layer on `x` ([..., in_features], 1 to `GEMV_ROWS` rows), in the layer's compute dtype."
+        x2 = x.reshape(-1, self.in_features).to(self.deq.dtype).contiguous()
+        tuned = [r for r in sorted(self.best) if r >= x2.shape[0]]      # the tiling of the bucket the rows pad to
+        y = self.run(x2, self.best[tuned[0]] if tuned else GEMV_CONFIGS[0])
+        if self.bias is not None: y = y + self.bias.to(y.dtype)
+        return y.view(*x.shape[:-1], self.out_features)
+
 # %% ../nbs/07b_nf4_kernel.ipynb #25fee889
 def _bnb_gemm_kernel(device: torch.device):
     "bitsandbytes' launcher of its fused 4-bit GEMM (no batch-size dispatch) for `device`, or an error saying why not."
@@ -389,11 +473,21 @@ def _graph_time(calls: list, reps: int = 20) -> float:
         raise RuntimeError(f"the graph's replay differs from the eager calls (relative error {worst:.3g})")
     return _time(g.replay, reps) / len(calls)
 
+def tune_gemv(ops: list[NF4Gemv], rows: int, reps: int = 20, configs=GEMV_CONFIGS) -> dict[GemvConfig, float]:
+    "Time each GEMV tiling over `ops` (distinct layers of one shape) in a CUDA graph; {config: seconds per call}."
+    x = torch.randn(rows, ops[0].in_features, device=ops[0].deq.packed.device, dtype=ops[0].deq.dtype)
+    timings = {}
+    for c in configs:
+        try: timings[c] = _graph_time([lambda op=op, c=c: op.run(x, c) for op in ops], reps)
+        except Exception as e: warnings.warn(f"GEMV tiling {c} failed on {ops[0].deq.shape}: {type(e).__name__}: {e}")
+    if not timings: raise RuntimeError(f"no tiling of the NF4 GEMV ran for {rows} rows")
+    return timings
+
 # %% ../nbs/07b_nf4_kernel.ipynb #af3eb8ef
 class BnbGemmPath(DequantizePath):
-    "Each decode size through bitsandbytes' fused 4-bit GEMM or dequantize + cuBLAS, whichever timed faster per shape."
+    "Each decode size through bitsandbytes' fused 4-bit GEMM, the NF4 GEMV or dequantize + cuBLAS: the fastest per shape."
     name = "bnb_gemm"
-    candidates = ("fused", "dequantize_mm")
+    candidates = ("fused", "gemv", "dequantize_mm")
 
     def __init__(self, groups: list[dict[str, list]], modules, device: torch.device, decode_rows: list[int],
                  max_rows: int = MAX_ROWS, reps: int = 20):
@@ -409,38 +503,47 @@ class BnbGemmPath(DequantizePath):
         _bnb_gemm_kernel(self.device)                           # refuses here, before compiling, where it cannot run
         ops = {m: BnbGemm(m) for m in self.nf4}
         super().start()                                         # prefills, and the other candidate: dequantize
-        self.kernel_checks, self.timings, self.choices, self.fused_rows = {}, {}, {}, {}
+        self.gemvs = {m: NF4Gemv(m) for m in self.nf4}
+        self.kernel_checks, self.timings, self.choices, self.route = {}, {}, {}, {}
         rows = sorted({min(b, self.max_rows) for b in self.decode_rows} | {1})
         by_shape = {}
         for m in self.nf4: by_shape.setdefault(ops[m].key, []).append(m)
         with torch.no_grad():
             for key, layers in by_shape.items():
                 gemms = [ops.get(l) or BnbGemm(l) for l in _graph_copies(layers[0], layers)]
-                for g in gemms:                                 # copies made for timing dequantize too, prepared now
+                for g in gemms:                                 # copies made for timing the others, prepared now
                     if g.layer not in self.deq: self.deq[g.layer] = NF4Dequantize(g.layer)
-                fused = {n: self._choose(gemms, n) == "fused" for n in rows}
+                    if g.layer not in self.gemvs: self.gemvs[g.layer] = NF4Gemv(g.layer)
+                choice = {n: self._choose(gemms, n) for n in rows}
+                for l in layers: self.gemvs[l].best.update(self.gemvs[layers[0]].best)   # the tuned tilings, for all
                 for n in range(1, self.max_rows + 1):           # any row count: the choice of the bucket it pads to
                     bucket = next((r for r in rows if r >= n), None)
-                    if bucket is not None: self.fused_rows[(key, n)] = fused[bucket]
+                    if bucket is not None: self.route[(key, n)] = choice[bucket]
         self.deq = {m: d for m, d in self.deq.items() if m in self.nf4}       # the timing copies go
+        self.gemvs = {m: g for m, g in self.gemvs.items() if m in self.nf4}
         self.ops = ops
 
-    def _fused(self, lin, x) -> bool:
+    def _route(self, lin, x) -> str:
+        "The kernel that `lin` on `x` takes: its shape's choice at the bucket of x's rows; larger inputs dequantize."
         op = self.ops.get(lin)
-        return op is not None and self.fused_rows.get((op.key, x.numel() // op.in_features), False)
+        return "dequantize_mm" if op is None else self.route.get((op.key, x.numel() // op.in_features), "dequantize_mm")
+
+    def _direct(self, lin, x, route: str) -> torch.Tensor:
+        return (self.ops[lin] if route == "fused" else self.gemvs[lin])(x).to(x.dtype)
 
     def apply(self, lin, x):
-        if not self._fused(lin, x): return super().apply(lin, x)
-        return self.ops[lin](x).to(x.dtype)                      # a decode size where the fused kernel is faster
+        route = self._route(lin, x)
+        return super().apply(lin, x) if route == "dequantize_mm" else self._direct(lin, x, route)
 
     def apply_group(self, key, lins, x):
-        if all(self._fused(l, x) for l in lins): return torch.cat([self.ops[l](x).to(x.dtype) for l in lins], -1)
-        return super().apply_group(key, lins, x)                 # dequantized side by side, one cuBLAS call
+        routes = [self._route(l, x) for l in lins]
+        if "dequantize_mm" in routes: return super().apply_group(key, lins, x)   # side by side, one cuBLAS call
+        return torch.cat([self._direct(l, x, r) for l, r in zip(lins, routes)], -1)
 
 # %% ../nbs/07b_nf4_kernel.ipynb #fc6e74ec
 @patch
 def _choose(self: BnbGemmPath, gemms: list[BnbGemm], rows: int) -> str:
-    "Check the fused GEMM at `rows` rows against bitsandbytes' dequantize-then-matmul, time both; the faster."
+    "Check the direct kernels at `rows` rows against bitsandbytes' dequantize-then-matmul, time all three; the fastest."
     import bitsandbytes.functional as bnbF
     op, w = gemms[0], gemms[0].layer.weight
     name = f"{op.out_features}x{op.in_features} rows {rows}"
@@ -455,7 +558,24 @@ def _choose(self: BnbGemmPath, gemms: list[BnbGemm], rows: int) -> str:
                            f"{op.out_features}x{op.in_features} at {rows} rows (relative error {rel:.3g}, "
                            f"more than {tol:.3g})")
     calls = {"fused": lambda g: g(x), "dequantize_mm": lambda g: self.dequantize_matmul(g.layer, x)}
-    times = {c: _graph_time([lambda g=g, fn=calls[c]: fn(g) for g in gemms], self.reps) for c in self.candidates}
+    if rows <= GEMV_ROWS and self._gemv_ok(gemms, rows, x, want, tol, name): calls["gemv"] = lambda g: self.gemvs[g.layer](x)
+    times = {c: _graph_time([lambda g=g, fn=calls[c]: fn(g) for g in gemms], self.reps) for c in self.candidates if c in calls}
     self.timings[name] = {c: round(t * 1e6, 2) for c, t in times.items()}
     self.choices[name] = min(times, key=times.get)
     return self.choices[name]
+
+@patch
+def _gemv_ok(self: BnbGemmPath, gemms: list[BnbGemm], rows: int, x, want, tol: float, name: str) -> bool:
+    "Tune the GEMV's tiling at `rows` over the layers of `gemms` and check it; a wrong result drops it, with a warning."
+    gemvs = [self.gemvs[g.layer] for g in gemms]
+    try:
+        times = tune_gemv(gemvs, rows, self.reps)
+        for g in gemvs: g.best[rows] = min(times, key=times.get)
+        rel = _relative_error(gemvs[0](x), want)
+    except Exception as e:
+        warnings.warn(f"the NF4 GEMV is not a candidate for {name}: {type(e).__name__}: {e}")
+        return False
+    self.kernel_checks[f"{name} gemv"] = rel
+    if rel <= tol: return True
+    warnings.warn(f"the NF4 GEMV differs from dequantize-then-matmul on {name} (relative error {rel:.3g}); not used")
+    return False

@@ -7,7 +7,7 @@ from __future__ import annotations
 import warnings
 
 # %% auto #0
-__all__ = ['SUPPORTED_MODELS', 'PROJECTIONS', 'GROUPS', 'base_linear', 'AdapterRows', 'StackedLoRA', 'FastLoRA']
+__all__ = ['SUPPORTED_MODELS', 'PROJECTIONS', 'GROUPS', 'base_linear', 'AdapterRows', 'StackedLoRA', 'FastLoRA', 'StepTokens']
 
 # %% ../nbs/07c_runner.ipynb #77eb68e9
 import torch
@@ -112,9 +112,10 @@ def _check_architecture(config, max_len: int):
 
 # %% ../nbs/07c_runner.ipynb #feba82e7
 class FastLoRA:
-    "A Llama-style decoder with every adapter stacked, a KV cache of fixed slots, and CUDA-graph decode steps."
+    "A Llama-style decoder with every adapter stacked, a KV cache of fixed slots, and CUDA-graph decode and small prefills."
     def __init__(self, model, max_batch_size: int = 32, max_len: int = 1024, cuda_graphs: bool | None = None,
-                 max_prefill_tokens: int = 8192, frozen_weights: str = "auto", gpu_memory_budget: float | None = None):
+                 max_prefill_tokens: int = 8192, frozen_weights: str = "auto", gpu_memory_budget: float | None = None,
+                 prefill_graph_tokens: int = 4096):
         self.model = model
         self.base = model.get_base_model() if isinstance(model, PeftModel) else model
         for m in self.base.modules():          # the bytes this engine reads must be in bitsandbytes' NF4 layout
@@ -134,16 +135,24 @@ class FastLoRA:
         self.dtype = self.embed.weight.dtype                     # the compute dtype the model was loaded with
         self.max_batch_size, self.max_len, self.max_prefill_tokens = max_batch_size, max_len, max_prefill_tokens
         self.batch_buckets, self.len_buckets = _buckets(max_batch_size, 1), _buckets(max_len, 64)
-        shape = (max_batch_size, self.n_kv, max_len, self.head_dim)
+        self.prefill_graph_tokens, self.prompt_buckets = prefill_graph_tokens, _buckets(max_len, 16)
+        # one slot more than requests can take: the padding rows of a bucketed prefill write their keys there
+        self.junk_slot = max_batch_size
+        shape = (max_batch_size + 1, self.n_kv, max_len, self.head_dim)
         self.k_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
         self.v_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         if self.cuda_graphs and self.device.type != "cuda":
             raise ValueError("cuda_graphs=True needs the model on a GPU")
         self.graphs, self.pool, self.graph_error, self.graph_checks = {}, None, None, {}
-        # the decode step's inputs live in fixed buffers, so captured graphs can read them
-        self.ids_buf = torch.zeros(max_batch_size, dtype=torch.long, device=self.device)
-        self.pos_buf = torch.zeros(max_batch_size, dtype=torch.long, device=self.device)
+        # the decode step's inputs live in fixed buffers, so captured graphs can read them: each row's position, the
+        # token the host gives it, and whether it gives one (else the row reads `next_buf`, the last step's own choice)
+        self.input_buf = torch.zeros(3, max_batch_size, dtype=torch.long, device=self.device)
+        self.next_buf = torch.zeros(max_batch_size, dtype=torch.long, device=self.device)   # each row's greedy token
+        self.step_tokens, self.launches = None, 0      # pinned buffers of `launch` (below), made on first use
+        # a bucketed prefill's inputs: the padded prompts' ids, then each row's slot and last position
+        self.prompt_buf = torch.zeros(max(1, prefill_graph_tokens), dtype=torch.long, device=self.device)
+        self.prompt_rows = torch.zeros(2, max_batch_size, dtype=torch.long, device=self.device)
         # the frozen layers of each projection group; peft wraps but never replaces them: they outlive adapter changes
         self.frozen = [{g: [base_linear(mods[p]) for p in ps] for g, ps in GROUPS.items()}
                        for mods in map(_projections, self.layers)]
@@ -161,14 +170,15 @@ class FastLoRA:
 
     def refresh_adapters(self):
         "(Re)build the stacked LoRA matrices from the model's adapters; call after loading or deleting one."
+        if self.device.type == "cuda": torch.cuda.synchronize(self.device)   # no launched step still reads the old ones
         self.names = adapter_names(self.model) if isinstance(self.model, PeftModel) else []
         shared, self.stacks = {}, []
         for mods in map(_projections, self.layers):
             self.stacks.append({g: StackedLoRA([mods[p] for p in ps], self.names, self.dtype, self.device, shared)
                                 for g, ps in GROUPS.items()})
         self.head_stack = StackedLoRA(self.lm_head, self.names, self.dtype, self.device, shared)
-        self.onehot_buf = torch.zeros(self.max_batch_size, max(1, len(self.names)), dtype=self.dtype,
-                                      device=self.device)
+        self.onehot_buf, self.prompt_onehot = (torch.zeros(self.max_batch_size, max(1, len(self.names)), dtype=self.dtype,
+                                                           device=self.device) for _ in range(2))
         self.drop_graphs()
 
     def drop_graphs(self):
@@ -234,12 +244,47 @@ def prefill(self: FastLoRA, prompts: list[list[int]], slots: list[int], adapters
     "Run `prompts` (token ids) into cache `slots` with adapter indices `adapters` (-1: base); the next-token logits."
     B, T = len(prompts), max(len(p) for p in prompts)
     if T > self.max_len: raise ValueError(f"a prompt of {T} tokens exceeds max_len={self.max_len}")
-    ids = torch.zeros(B, T, dtype=torch.long)
+    bucket = self._prompt_bucket(B, T)
+    if bucket is None:                                 # eagerly, at its own size
+        ids = torch.zeros(B, T, dtype=torch.long)
+        for b, p in enumerate(prompts): ids[b, :len(p)] = torch.tensor(p)
+        return self._prefill(ids.to(self.device), torch.tensor(slots, device=self.device),
+                             torch.tensor([len(p) - 1 for p in prompts], device=self.device), self._onehot(adapters))
+    _, Bp, Tp = bucket
+    self._fill_prompts(prompts, slots, adapters, Bp, Tp)
+    return self._run_graph(bucket, lambda: self._bucketed_prefill(Bp, Tp))[:B]
+
+@patch
+def _prompt_bucket(self: FastLoRA, B: int, T: int) -> tuple | None:
+    "The graph bucket `('prefill', rows, length)` for B prompts of at most T tokens, or None: run it eagerly."
+    if not self.cuda_graphs: return None
+    Bp, Tp = _bucket(self.batch_buckets, B), _bucket(self.prompt_buckets, T)
+    return ("prefill", Bp, Tp) if Bp * Tp <= self.prefill_graph_tokens else None
+
+@patch
+def _fill_prompts(self: FastLoRA, prompts: list[list[int]], slots: list[int], adapters: list[int], Bp: int, Tp: int):
+    "Write `prompts`, padded to bucket (Bp, Tp), into the prompt buffers; padding rows go to the junk slot."
+    B = len(prompts)
+    ids, rows = torch.zeros(Bp, Tp, dtype=torch.long), torch.zeros(2, Bp, dtype=torch.long)
     for b, p in enumerate(prompts): ids[b, :len(p)] = torch.tensor(p)
-    ids = ids.to(self.device)
+    rows[0], rows[0, :B], rows[1, :B] = self.junk_slot, torch.tensor(slots), torch.tensor([len(p) - 1 for p in prompts])
+    self.prompt_buf[:Bp * Tp].copy_(ids.view(-1), non_blocking=True)
+    self.prompt_rows[:, :Bp].copy_(rows, non_blocking=True)
+    self.prompt_onehot[:Bp].copy_(self._onehot(list(adapters) + [-1] * (Bp - B)))
+
+@patch
+def _bucketed_prefill(self: FastLoRA, B: int, T: int) -> torch.Tensor:
+    "The prefill of bucket (B, T) from the prompt buffers: what its graph captures (padding rows go to the junk slot)."
+    return self._prefill(self.prompt_buf[:B * T].view(B, T), self.prompt_rows[0, :B], self.prompt_rows[1, :B],
+                         self.prompt_onehot[:B])
+
+@patch
+def _prefill(self: FastLoRA, ids: torch.Tensor, slot_t: torch.Tensor, last: torch.Tensor,
+             onehot: torch.Tensor) -> torch.Tensor:
+    "Prompts `ids` ([B, T], right-padded) into cache rows `slot_t`; the logits at each row's position `last`."
+    B, T = ids.shape
     pos = torch.arange(T, device=self.device).expand(B, T)
-    slot_t = torch.tensor(slots, device=self.device)
-    rows = AdapterRows(self._onehot(adapters))
+    rows = AdapterRows(onehot)
     h = self.embed(ids)
     rope = self._rope(h, pos)
     def attend(i, q, k, v):
@@ -250,20 +295,22 @@ def prefill(self: FastLoRA, prompts: list[list[int]], slots: list[int], adapters
                                            enable_gqa=self.n_kv != self.n_heads)
         return o.transpose(1, 2).reshape(B, T, -1)
     for i in range(len(self.layers)): h = self._layer(i, h, rope, rows, attend)
-    last = torch.tensor([len(p) - 1 for p in prompts], device=self.device)
     return self._logits(h[torch.arange(B, device=self.device), last].unsqueeze(1), rows)
 
 @patch
 def _onehot(self: FastLoRA, adapters: list[int]) -> torch.Tensor:
+    "Rows of `onehot_buf` for adapter indices `adapters` (-1: none), built on the host and sent without a sync."
+    a = torch.tensor(adapters, dtype=torch.long)
     oh = torch.zeros(len(adapters), self.onehot_buf.shape[1], dtype=self.dtype)
-    for b, a in enumerate(adapters):
-        if a >= 0: oh[b, a] = 1
-    return oh.to(self.device)
+    rows = (a >= 0).nonzero()[:, 0]
+    oh[rows, a[rows]] = 1
+    return oh.to(self.device, non_blocking=True)
 
 # %% ../nbs/07c_runner.ipynb #8396fae9
 @patch
 def _decode(self: FastLoRA, B: int, L: int) -> torch.Tensor:
-    ids, pos, rows = self.ids_buf[:B], self.pos_buf[:B], AdapterRows(self.onehot_buf[:B])
+    pos, rows = self.input_buf[0, :B], AdapterRows(self.onehot_buf[:B])
+    ids = torch.where(self.input_buf[2, :B].bool(), self.input_buf[1, :B], self.next_buf[:B])
     slot = torch.arange(B, device=self.device)
     seen = torch.arange(L, device=self.device)[None, :] <= pos[:, None]
     mask = torch.zeros(B, 1, 1, L, dtype=self.dtype, device=self.device)
@@ -281,7 +328,9 @@ def _decode(self: FastLoRA, B: int, L: int) -> torch.Tensor:
                                            attn_mask=mask, scale=self.scale)
         return o.reshape(B, 1, self.n_heads * self.head_dim)
     for i in range(len(self.layers)): h = self._layer(i, h, rope, rows, attend)
-    return self._logits(h, rows)
+    logits = self._logits(h, rows)
+    self.next_buf[:B].copy_(logits.argmax(-1))       # every row's greedy token, the next step's input unless replaced
+    return logits
 
 # %% ../nbs/07c_runner.ipynb #6f4fe258
 def _bucket(sizes: list[int], n: int) -> int: return next(s for s in sizes if s >= n)
@@ -290,59 +339,127 @@ def _bucket(sizes: list[int], n: int) -> int: return next(s for s in sizes if s 
 @torch.no_grad()
 def decode(self: FastLoRA, tokens: dict[int, int], positions: dict[int, int], adapters: dict[int, int]) -> torch.Tensor:
     "One decode step for the active slots `{slot: token}` at `{slot: position}` with `{slot: adapter}`; logits by slot."
-    B = _bucket(self.batch_buckets, max(tokens) + 1)
-    L = _bucket(self.len_buckets, max(positions.values()) + 1)
-    ids, pos = torch.zeros(B, dtype=torch.long), torch.zeros(B, dtype=torch.long)
-    for s, t in tokens.items(): ids[s], pos[s] = t, positions[s]
-    self.ids_buf[:B].copy_(ids, non_blocking=True)
-    self.pos_buf[:B].copy_(pos, non_blocking=True)
-    self.onehot_buf[:B].copy_(self._onehot([adapters.get(s, -1) for s in range(B)]))
-    return self._run_graph(B, L) if self.cuda_graphs else self._decode(B, L)
+    return self._step(*self._set_inputs(positions, adapters, tokens))
 
 @patch
-def _run_graph(self: FastLoRA, B: int, L: int) -> torch.Tensor:
-    key = (B, L)
+def _set_inputs(self: FastLoRA, positions: dict[int, int], adapters: dict[int, int], tokens: dict[int, int]):
+    "Fill the decode buffers for slots `positions` (host tokens for the slots in `tokens`); the step's (B, L) bucket."
+    B = _bucket(self.batch_buckets, max(positions) + 1)
+    L = _bucket(self.len_buckets, max(positions.values()) + 1)
+    inp = torch.zeros(3, B, dtype=torch.long)
+    inp[0, list(positions)] = torch.tensor(list(positions.values()))
+    if tokens:
+        inp[1, list(tokens)] = torch.tensor(list(tokens.values()))
+        inp[2, list(tokens)] = 1
+    self.input_buf[:, :B].copy_(inp, non_blocking=True)          # pageable memory: staged at once, no device sync
+    self.onehot_buf[:B].copy_(self._onehot([adapters.get(s, -1) for s in range(B)]))
+    return B, L
+
+@patch
+def _step(self: FastLoRA, B: int, L: int) -> torch.Tensor:
+    "Run the decode step of bucket (B, L) on the filled buffers: its graph's replay on a GPU, else eagerly."
+    return self._run_graph((B, L), lambda: self._decode(B, L)) if self.cuda_graphs else self._decode(B, L)
+
+@patch
+def _run_graph(self: FastLoRA, key: tuple, run) -> torch.Tensor:
+    "Replay the graph of bucket `key`, first capturing it from `run` (the eager step on the buffers) and checking it."
     if key not in self.graphs:
+        fed = self.next_buf.clone()          # every trial run below starts from the tokens the last step chose
+        def trial(run):
+            self.next_buf.copy_(fed)
+            return run()
         try:
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
-                for _ in range(2): self._decode(B, L)              # warm-up: lazy inits, allocator, autotuning
+                for _ in range(2): trial(run)   # warm-up: lazy inits, allocator, autotuning
             torch.cuda.current_stream().wait_stream(stream)
             if self.pool is None: self.pool = torch.cuda.graph_pool_handle()
             g = torch.cuda.CUDAGraph()
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                with torch.cuda.graph(g, pool=self.pool): out = self._decode(B, L)
+                with torch.cuda.graph(g, pool=self.pool): out = run()
             empty = [w for w in caught if "empty" in str(w.message).lower()]
             if empty: raise RuntimeError(f"the captured graph is empty: {empty[0].message}")
             # trust, but verify: one replay must reproduce the eager step (same inputs, same cache writes)
-            g.replay()
-            want = self._decode(B, L)
+            trial(g.replay)
+            want = trial(run)
             rel = ((out.float() - want.float()).norm() / want.float().norm().clamp_min(1e-12)).item()
             self.graph_checks[key] = rel
             # 16-bit kernels chosen under capture may sum in another order; a stale or empty graph is off by ~100%
             if not rel <= (1e-4 if self.dtype == torch.float32 else 2e-2):
                 raise RuntimeError(f"graph replay differs from the eager step (relative error {rel:.3g})")
             self.graphs[key] = (g, out)
+            self.next_buf.copy_(fed)
         except Exception as e:
             self.graph_error = f"{type(e).__name__}: {e}"
             warnings.warn(f"CUDA graph capture failed ({self.graph_error}); the fast engine runs without graphs")
             self.cuda_graphs = False
             self.drop_graphs()
-            return self._decode(B, L)
+            return trial(run)
     g, out = self.graphs[key]
     g.replay()
     return out
 
 @patch
+def graph_buckets(self: FastLoRA) -> list[tuple]:
+    "Every bucket that runs as a CUDA graph: decode steps `(rows, length)`, prefills `('prefill', rows, length)`."
+    return ([(B, L) for B in self.batch_buckets for L in self.len_buckets] +
+            [("prefill", B, T) for B in self.batch_buckets for T in self.prompt_buckets
+             if B * T <= self.prefill_graph_tokens])
+
+@patch
 def capture_graphs(self: FastLoRA) -> int:
-    "Capture (and verify) each (batch, length) bucket's decode graph at start-up, as vLLM does (it writes cache slots)."
+    "Capture (and verify) every bucket's graph at start-up, as vLLM does: prefills write the junk slot, decode steps position 0."
     if not self.cuda_graphs: return 0
-    self.ids_buf.zero_()
-    self.pos_buf.zero_()
+    self.input_buf.zero_()
     self.onehot_buf.zero_()
-    for B in self.batch_buckets:
-        for L in self.len_buckets:
-            if self.cuda_graphs: self._run_graph(B, L)
+    self.prompt_onehot.zero_()
+    self.prompt_rows[0].fill_(self.junk_slot)
+    self.prompt_rows[1].zero_()
+    for key in self.graph_buckets():
+        if not self.cuda_graphs: break                    # a capture failed: the engine runs eagerly from now
+        if key[0] == "prefill": self._run_graph(key, lambda B=key[1], T=key[2]: self._bucketed_prefill(B, T))
+        else: self._run_graph(key, lambda B=key[0], L=key[1]: self._decode(B, L))
     return len(self.graphs)
+
+# %% ../nbs/07c_runner.ipynb #a8f3b029
+class StepTokens:
+    "The greedy tokens of a launched decode step, by slot: copied to the host behind the step, read once it is done."
+    def __init__(self, tokens: torch.Tensor, host: torch.Tensor | None):
+        self.done = False
+        if host is None: self.host, self.event = tokens.clone(), None          # the CPU: the step has run already
+        else:
+            self.host = host[:len(tokens)]
+            self.host.copy_(tokens, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+
+    @staticmethod
+    def buffers(n: int, device) -> list:
+        "The pinned host buffers that launched steps' tokens come back through, in turn (none on a CPU)."
+        if torch.device(device).type != "cuda": return []
+        return [[torch.empty(n, dtype=torch.long, pin_memory=True), None] for _ in range(2)]
+
+    def read(self) -> list[int]:
+        "The step's token of every row of its bucket, waiting for the step if it is still running."
+        if self.event is not None: self.event.synchronize()
+        self.done = True
+        return self.host.tolist()
+
+@patch
+@torch.no_grad()
+def launch(self: FastLoRA, positions: dict[int, int], adapters: dict[int, int], fresh: dict[int, int]) -> StepTokens:
+    "Start a greedy decode step for slots `positions` without waiting: a slot reads the token the last step chose for it, or `fresh[slot]`."
+    if self.step_tokens is None: self.step_tokens = StepTokens.buffers(self.max_batch_size, self.device)
+    step = self._step(*self._set_inputs(positions, adapters, fresh))
+    self.launches += 1
+    host = None
+    if self.step_tokens:
+        slot = self.step_tokens[self.launches % 2]
+        if slot[1] is not None and not slot[1].done:
+            raise RuntimeError("read a launched step's tokens before launching the step after the next one")
+        host = slot[0]
+    out = StepTokens(self.next_buf[:len(step)], host)
+    if self.step_tokens: slot[1] = out
+    return out

@@ -28,7 +28,9 @@ class Sequence:
     position: int                       # cache positions filled so far
     tracker: RowTracker
     generator: torch.Generator | None = None
-    last: int = 0                       # the token to feed next
+    last: int = 0                       # the token to feed next, where the host has it (see `fed`)
+    launched: int = 0                   # tokens produced or in flight: the prefill's, then one per decode step
+    fed: bool = False                   # the runner holds the next input on the device (a pipelined step chose it)
 
 # %% ../nbs/07d_scheduler.ipynb #203c71b5
 def sample_next(logits: torch.Tensor, req: GenRequest, generator: torch.Generator | None = None) -> int:
@@ -45,8 +47,10 @@ def sample_next(logits: torch.Tensor, req: GenRequest, generator: torch.Generato
 # %% ../nbs/07d_scheduler.ipynb #57a534ff
 class Scheduler:
     "Continuous batching over a model runner: requests join free cache slots between decode steps and leave when done."
-    def __init__(self, runner, tokenizer):
+    def __init__(self, runner, tokenizer, pipeline: bool = True):
         self.runner, self.tokenizer = runner, tokenizer
+        self.pipeline = pipeline                     # greedy steps launched before the last one's tokens are read
+        self.inflight: tuple | None = None           # a launched step: its sequences and its `StepTokens`
         self.stop_ids = stop_token_ids(runner.model)       # what every engine stops on (see `align_stop_tokens`)
         self.waiting: deque[GenRequest] = deque()
         self.active: dict[int, Sequence] = {}
@@ -64,17 +68,18 @@ class Scheduler:
 
     def check_request(self, req: GenRequest) -> list[int]:
         "Raise `BadRequest` for a request the cache cannot hold; its prompt's token ids otherwise."
-        ids = self.tokenizer(req.prompt)["input_ids"]
+        ids = req.prompt_ids if req.prompt_ids is not None else self.tokenizer(req.prompt)["input_ids"]
         n, limit = len(ids), self.runner.max_len
         if n + req.max_new_tokens > limit:
             raise BadRequest(f"prompt ({n} tokens) + max tokens ({req.max_new_tokens}) "
                              f"exceeds the engine's max_len={limit}")
         if req.adapter != BASE and req.adapter not in self.runner.names:
             raise UnknownAdapter(f"Unknown adapter {req.adapter!r}")
+        req.prompt_ids = ids                         # tokenized once: the server checks it, then the scheduler admits it
         return ids
 
     @property
-    def busy(self) -> bool: return bool(self.active or self.waiting)
+    def busy(self) -> bool: return bool(self.active or self.waiting or self.inflight)
 
 # %% ../nbs/07d_scheduler.ipynb #1faa8708
 def _next_tokens(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
@@ -143,26 +148,69 @@ def step(self: Scheduler) -> list[tuple[GenRequest, GenResult | BaseException]]:
         tm["prefills"] += 1
         tm["prefill_tokens"] += admitted
         tm["prefill_rows"] += len(new)
+        for s in seqs: s.launched = 1
         self.update(seqs, tokens, done)
     tm["prefill_s"] += prefill_s
-    rows, t1 = 0, time.perf_counter()
-    if self.active:
-        seqs = list(self.active.values())
-        rows = len(seqs)
-        logits = runner.decode({s.slot: s.last for s in seqs}, {s.slot: s.position for s in seqs},
-                               {s.slot: s.adapter for s in seqs})
+    t1 = time.perf_counter()
+    seqs = list(self.active.values())
+    if self.pipeline and all(s.req.temperature == 0 for s in seqs): rows = self._pipelined(seqs, done)
+    else:
+        self._read(done)                                 # a step still in flight first: its tokens come before
+        rows = self._decode_now(list(self.active.values()), done)
+    if rows:
         self.steps += 1
         self.decode_rows += rows
-        tokens = _next_tokens(logits[torch.tensor([s.slot for s in seqs], device=logits.device)], seqs)
         tm["decode_s"] += time.perf_counter() - t1
-        for s in seqs: s.position += 1
-        self.update(seqs, tokens, done)
     t2 = time.perf_counter()
     tm["steps_s"] += t2 - t0
     # one line per step: when it started, the prompts it admitted (rows, tokens, seconds), its decode batch and seconds
     self.trace.append((round(t0, 4), len(new), admitted, round(prefill_s, 5), rows, round(t2 - t1, 5) if rows else 0.0))
     self._pending_since = t2 if self.busy else None
     return done
+
+# %% ../nbs/07d_scheduler.ipynb #32c21573
+@patch
+def _decode_now(self: Scheduler, seqs: list[Sequence], done: list) -> int:
+    "One decode step for `seqs`, their tokens on the host before it returns (sampling needs them there); rows run."
+    if not seqs: return 0
+    logits = self.runner.decode({s.slot: s.last for s in seqs}, {s.slot: s.position for s in seqs},
+                                {s.slot: s.adapter for s in seqs})
+    tokens = _next_tokens(logits[torch.tensor([s.slot for s in seqs], device=logits.device)], seqs)
+    for s in seqs: s.position, s.launched, s.fed = s.position + 1, s.launched + 1, False
+    self.update(seqs, tokens, done)
+    return len(seqs)
+
+@patch
+def _pipelined(self: Scheduler, seqs: list[Sequence], done: list) -> int:
+    "Launch the next greedy step for `seqs`, then read the step launched before it, which ran meanwhile; rows launched."
+    go = [s for s in seqs if s.launched < s.req.max_new_tokens]   # the others have every token they may get
+    launched = None
+    if go:
+        tokens = self.runner.launch({s.slot: s.position for s in go}, {s.slot: s.adapter for s in go},
+                                    {s.slot: s.last for s in go if not s.fed})
+        for s in go: s.position, s.launched, s.fed = s.position + 1, s.launched + 1, True
+        launched = (go, tokens)
+    self._read(done)
+    self.inflight = launched
+    return len(go)
+
+@patch
+def _read(self: Scheduler, done: list):
+    "Give the sequences of the step in flight their tokens (waiting for it if it still runs), retiring those done."
+    if self.inflight is None: return
+    seqs, step = self.inflight
+    self.inflight = None
+    ids = step.read()
+    live = [s for s in seqs if self.active.get(s.slot) is s]      # not retired meanwhile: a stop token, an adapter gone
+    self.update(live, [ids[s.slot] for s in live], done)
+
+@patch
+def fail_all(self: Scheduler, error: BaseException) -> list[tuple[GenRequest, BaseException]]:
+    "End every active sequence with `error` and forget the step in flight (after a step raised); the failed requests."
+    failed = [(s.req, error) for s in self.active.values()]
+    self.active.clear()
+    self.inflight = None
+    return failed
 
 # %% ../nbs/07d_scheduler.ipynb #16ffe5f1
 @patch

@@ -31,18 +31,20 @@ def test_too_long_for_the_cache_is_a_400(make_server):
     assert r.status_code == 400 and "max_len=64" in r.json()["error"]["message"]
     assert complete(url, "alpha", max_tokens=2).json()["choices"][0]["text"] == " alpha alpha"
 
-def test_a_failing_step_fails_only_its_requests(make_server):
-    url, eng = make_server("fast", max_batch_size=4)
-    real, calls = eng.runner.decode, []
+@pytest.mark.parametrize("pipeline", [True, False])
+def test_a_failing_step_fails_only_its_requests(make_server, pipeline):
+    url, eng = make_server("fast", max_batch_size=4, pipeline=pipeline)
+    real, calls = eng.runner._step, []                               # the decode step itself, pipelined or not
     def flaky(*a, **kw):
         calls.append(1)
         if len(calls) == 1: raise torch.cuda.OutOfMemoryError("simulated out of memory")
         return real(*a, **kw)
-    eng.runner.decode = flaky
+    eng.runner._step = flaky
     r = complete(url, "alpha", max_tokens=3)
     assert r.status_code == 500 and "Traceback" not in r.text
-    assert eng.scheduler.active == {}                                # its slot was freed
+    assert eng.scheduler.active == {} and eng.scheduler.inflight is None     # its slot was freed, no step is pending
     assert complete(url, "beta", max_tokens=3).json()["choices"][0]["text"] == " beta beta beta"
+    assert len(calls) > 1 and eng.runner.launches > 0 if pipeline else eng.runner.launches == 0
 
 def test_unsupported_model_is_a_clear_error(loaded):
     from multilora.runner import FastLoRA

@@ -65,7 +65,7 @@ def test_bnb_gemm_engine_matches_the_model_as_loaded():
             for rows in (1, 64):
                 chosen = {s: path.choices.get(f"{s} rows {rows}") for s in shapes}
                 assert all(c in path.candidates for c in chosen.values()), f"{rows} rows: {chosen}"
-            assert all(path.choices[f"{s} rows 1"] == "fused" for s in shapes), path.timings
+            assert all(path.choices[f"{s} rows 1"] in ("fused", "gemv") for s in shapes), path.timings   # read NF4 only
             fused_at_64 = any(path.choices[f"{s} rows 64"] == "fused" for s in shapes)
         del fast
     rel = lambda a, b: ((a - b).norm(dim=-1) / b.norm(dim=-1)).max().item()
@@ -104,6 +104,28 @@ def test_graphs_recaptured_after_the_weights_change():
     assert sorted({g for _, g in fast.frozen_path.dense}) == ["down", "gate_up", "o", "qkv"]
     rel = ((hybrid - before).norm() / before.norm()).item()
     assert rel < 5e-2, f"16-bit copies moved the logits by {rel:.3g}"          # bf16 paths of the same weights
+
+@cuda
+def test_pipelined_decode_matches_steps_that_wait():
+    "On a GPU, where a launched step runs while the host reads the last one: the tokens of steps that wait for theirs."
+    from multilora.engine import BASE, GenRequest
+    from multilora.scheduler import Scheduler
+    base, tok = load_base_model(quantization="nf4")
+    fast = FastLoRA(base, max_batch_size=8, max_len=128)
+    results = {}
+    for pipeline in (False, True):
+        # 12 requests for 8 slots, all of one length: both ways admit, batch and retire alike, so every step runs the
+        # same (B, L) graph both ways and greedy tokens must agree exactly
+        sched, reqs = Scheduler(fast, tok, pipeline=pipeline), [GenRequest(p, BASE, 24, ignore_eos=True) for p in PROMPTS * 3]
+        for r in reqs: sched.add(r)
+        out = {}
+        while sched.busy: out.update((r.id, res) for r, res in sched.step())
+        results[pipeline] = [(out[r.id].text, out[r.id].completion_tokens) for r in reqs]
+        assert sched.inflight is None and not sched.active
+    assert fast.graph_error is None and fast.graphs, fast.graph_error
+    assert fast.launches > 0
+    assert results[True] == results[False]
+    assert all(n == 24 for _, n in results[True])
 
 def test_gpu_memory_budget_on_the_cpu():
     "The engine's `gpu_memory_budget` takes 16-bit copies of the heaviest groups on any device, and serves the same logits."
