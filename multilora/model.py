@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_model.ipynb #881fd6e5
 from __future__ import annotations
-import json, os, shutil, tempfile, warnings, importlib.util
+import contextlib, json, os, shutil, tempfile, warnings, importlib.util
 from pathlib import Path
 
 # %% auto #0
@@ -67,13 +67,30 @@ def _conversion_is_current(folder: Path) -> bool:
     try: return json.loads((folder/CONVERSION_FILE).read_text()).get("version") == EMBEDDED_CONVERSION
     except (OSError, ValueError): return False
 
-def _write_embedded(tmp: Path, gguf: Path):
+@contextlib.contextmanager
+def _gguf_parsed_once():
+    "Within the block, each GGUF file is parsed once and each tensor-name map built once, however often transformers asks."
+    import gguf
+    Reader, name_map, readers, maps = gguf.GGUFReader, gguf.get_tensor_name_map, {}, {}
+    def reader(path, *args, **kw):
+        key = (str(path), args, tuple(sorted(kw.items())))
+        if key not in readers: readers[key] = Reader(path, *args, **kw)
+        return readers[key]
+    def tensor_name_map(*args):
+        if args not in maps: maps[args] = name_map(*args)
+        return maps[args]
+    gguf.GGUFReader, gguf.get_tensor_name_map = reader, tensor_name_map   # transformers imports them per call
+    try: yield readers
+    finally: gguf.GGUFReader, gguf.get_tensor_name_map = Reader, name_map
+
+def _write_embedded(tmp: Path, gguf: Path, parse_once: bool = True):
     "Convert the GGUF into a safetensors folder at `tmp`, stating its special tokens explicitly."
     import transformers
     kw = dict(gguf_file=gguf.name)
-    tok = AutoTokenizer.from_pretrained(gguf.parent, **kw)
+    with _gguf_parsed_once() if parse_once else contextlib.nullcontext():
+        tok = AutoTokenizer.from_pretrained(gguf.parent, **kw)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kw)
     tok.add_special_tokens({k: v for k, v in EMBEDDED_SPECIAL_TOKENS.items()})   # all already in the vocabulary
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kw)
     # a GGUF-loaded model carries a non-serialisable quantizer; the weights are already plain fp32
     if hasattr(model.config, "quantization_config"): del model.config.quantization_config
     model.hf_quantizer = None
