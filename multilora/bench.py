@@ -691,6 +691,7 @@ def bench_serve(adapters: str | os.PathLike | None = None, engines: tuple[str, .
             if hasattr(eng, "stats"):      # the fast engine in this process: what its runner and scheduler did
                 stats, cfg = eng.stats(), results["config"]
                 cfg[f"{label} cuda_graphs"] = stats["cuda_graphs"]
+                cfg[f"{label} prefill_graphs"] = stats["prefill_graphs"]
                 cfg[f"{label} frozen_weights"] = stats["frozen_weights"]  # the path it ran, after any fallback
                 if stats.get("frozen_choices"): cfg[f"{label} frozen_choices"] = stats["frozen_choices"]
                 if stats.get("dense_copy_bytes"): cfg[f"{label} dense_copy_bytes"] = stats["dense_copy_bytes"]

@@ -58,6 +58,7 @@ class FastEngine(Engine):
         "What the runner and scheduler did: the frozen-layer path and CUDA graphs used, where the time went, a step trace."
         r, s = self.runner, self.scheduler
         return {"frozen_weights": r.frozen_weights, "cuda_graphs": r.cuda_graphs or r.graph_error,
+                "prefill_graphs": (r.cuda_graphs and r.prefill_graph_tokens) or r.prefill_graph_error,
                 "frozen_choices": getattr(r.frozen_path, "choices", None),   # a path that picks a kernel per batch size
                 "dense_copy_bytes": getattr(r.frozen_path, "dense_bytes", None),   # 16-bit copies under a memory budget
                 "timing": {**s.timing, "decode_steps": s.steps}, "trace": list(s.trace)}

@@ -145,6 +145,7 @@ class FastLoRA:
         if self.cuda_graphs and self.device.type != "cuda":
             raise ValueError("cuda_graphs=True needs the model on a GPU")
         self.graphs, self.pool, self.graph_error, self.graph_checks = {}, None, None, {}
+        self.prefill_graph_error = None
         # the decode step's inputs live in fixed buffers, so captured graphs can read them: each row's position, the
         # token the host gives it, and whether it gives one (else the row reads `next_buf`, the last step's own choice)
         self.input_buf = torch.zeros(3, max_batch_size, dtype=torch.long, device=self.device)
@@ -392,10 +393,16 @@ def _run_graph(self: FastLoRA, key: tuple, run) -> torch.Tensor:
             self.graphs[key] = (g, out)
             self.next_buf.copy_(fed)
         except Exception as e:
-            self.graph_error = f"{type(e).__name__}: {e}"
-            warnings.warn(f"CUDA graph capture failed ({self.graph_error}); the fast engine runs without graphs")
-            self.cuda_graphs = False
-            self.drop_graphs()
+            why = f"{type(e).__name__}: {e}"
+            if key[0] == "prefill":          # decode steps keep their graphs; prefills run eagerly from now
+                self.prefill_graph_error, self.prefill_graph_tokens = why, 0
+                warnings.warn(f"CUDA graph capture of a prefill failed ({why}); prefills run eagerly")
+                self.pool = None             # a pool that saw a failed capture is not reused: later captures take a new one
+            else:
+                self.graph_error = why
+                warnings.warn(f"CUDA graph capture failed ({why}); the fast engine runs without graphs")
+                self.cuda_graphs = False
+                self.drop_graphs()
             return trial(run)
     g, out = self.graphs[key]
     g.replay()

@@ -127,6 +127,32 @@ def test_pipelined_decode_matches_steps_that_wait():
     assert results[True] == results[False]
     assert all(n == 24 for _, n in results[True])
 
+@cuda
+def test_prefill_graphs_match_eager_prefills_and_fail_alone():
+    "Bucketed prefill graphs give the eager prefill's logits; a prefill capture that fails leaves decode graphs running."
+    base, tok = load_base_model(quantization="nf4")
+    fast = FastLoRA(base, max_batch_size=8, max_len=128)
+    ids = [tok(p)["input_ids"] for p in PROMPTS[:3]]
+    graphed = fast.prefill(ids, [0, 1, 2], [-1, -1, -1]).float()
+    assert ("prefill", 4, 16) in fast.graphs and fast.prefill_graph_error is None, fast.prefill_graph_error
+    fast.cuda_graphs = False
+    eager = fast.prefill(ids, [0, 1, 2], [-1, -1, -1]).float()                  # at its own size, no graph
+    fast.cuda_graphs = True
+    rel = ((graphed - eager).norm(dim=-1) / eager.norm(dim=-1)).max().item()
+    assert rel < 2e-2, f"a bucketed prefill graph differs from the eager prefill by {rel:.3g}"
+    step = fast.decode({0: 5}, {0: len(ids[0])}, {0: -1}).clone()              # a decode graph exists from here
+    real = fast._bucketed_prefill
+    def broken(B, T):
+        if torch.cuda.is_current_stream_capturing(): raise RuntimeError("simulated capture failure")
+        return real(B, T)
+    fast._bucketed_prefill = broken
+    with pytest.warns(UserWarning, match="prefills run eagerly"):
+        again = fast.prefill([ids[0] * 3], [3], [-1]).float()                    # a new bucket: (1, 32)
+    assert fast.prefill_graph_error and fast.prefill_graph_tokens == 0 and fast.cuda_graphs
+    assert fast.graph_error is None and any(len(k) == 2 for k in fast.graphs)   # decode graphs kept
+    assert torch.isfinite(again).all()
+    assert torch.equal(fast.decode({0: 5}, {0: len(ids[0])}, {0: -1}), step)
+
 def test_gpu_memory_budget_on_the_cpu():
     "The engine's `gpu_memory_budget` takes 16-bit copies of the heaviest groups on any device, and serves the same logits."
     base, tok = load_base_model(quantization="nf4", device_map="cpu")
