@@ -11,10 +11,10 @@ from typing import Callable
 # %% auto #0
 __all__ = ['SHAPES', 'TRL_LABEL', 'CLIENTS', 'SERVERS', 'VARIANT_TILINGS', 'random_model', 'random_adapters',
            'baseline_train_loop', 'eval_summary', 'run_tutorial', 'format_tutorial', 'trl_train_row', 'bench_train',
-           'format_train_bench', 'bench_fused', 'format_fused_bench', 'bench_ddp', 'format_ddp', 'bench_serve',
-           'bench_prompts', 'format_bench', 'bench_profile', 'format_profile', 'bench_kernels', 'format_kernel_bench',
-           'bench_diag', 'format_diag', 'bench_residency', 'format_residency', 'bench_prefill', 'format_prefill',
-           'bench_kernel_variants', 'format_kernel_variants']
+           'format_train_bench', 'bench_fused', 'format_fused_bench', 'bench_ddp', 'format_ddp', 'engine_spec',
+           'bench_serve', 'bench_prompts', 'format_bench', 'bench_profile', 'format_profile', 'bench_kernels',
+           'format_kernel_bench', 'bench_diag', 'format_diag', 'bench_residency', 'format_residency', 'bench_prefill',
+           'format_prefill', 'bench_kernel_variants', 'format_kernel_variants']
 
 # %% ../nbs/10_benchmarks.ipynb #40c49ec5
 import numpy as np
@@ -615,9 +615,27 @@ def _bench_level_sync(*args, **kw) -> dict:
 
 CLIENTS = SERVERS = ("process", "thread")
 
+def engine_spec(spec: str) -> tuple[str, dict]:
+    "An engine and its settings from `name` or `name:key=value:...`: `fast:pipeline=false` is the fast engine, unpipelined."
+    name, *items = spec.split(":")
+    if name not in ENGINES: raise ValueError(f"Unknown engine {name!r} in {spec!r}; choose from {', '.join(sorted(ENGINES))}")
+    kw = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or not key: raise ValueError(f"{item!r} in {spec!r} is not key=value")
+        low = value.lower()
+        kw[key] = {"true": True, "false": False, "none": None}.get(low, value)
+        if kw[key] is value:
+            try: kw[key] = int(value)
+            except ValueError:
+                try: kw[key] = float(value)
+                except ValueError: pass
+    return name, kw
+
 def _serve_args(adapters, engine: str, max_batch_size: int, base_model, engine_kw: dict) -> list:
     "`multilora serve`'s command line for one engine of the benchmark."
-    flags = {"max_len": "--max-len", "frozen_weights": "--frozen-weights", "gpu_memory_budget": "--gpu-memory-budget"}
+    flags = {"max_len": "--max-len", "frozen_weights": "--frozen-weights", "gpu_memory_budget": "--gpu-memory-budget",
+             "prefill_graph_tokens": "--prefill-graph-tokens"}
     unknown = set(engine_kw) - set(flags) - {"pipeline"}
     if unknown: raise ValueError(f"server='process' cannot pass {sorted(unknown)} to `multilora serve`")
     args = ["--adapters", adapters, "--engine", engine, "--max-batch-size", max_batch_size, "--max-queue", 1024]
@@ -636,8 +654,7 @@ def bench_serve(adapters: str | os.PathLike | None = None, engines: tuple[str, .
                 max_concurrency: dict[str, int] | None = None, engine_kw: dict | None = None, clients: str = "process",
                 waves: int = 2, server: str = "thread") -> dict:
     "Benchmark the engines side by side over HTTP on loopback: requests/s, tokens/s, p50/p95 latency per concurrency."
-    unknown = set(engines) - set(ENGINES)
-    if unknown: raise ValueError(f"Unknown engine(s) {sorted(unknown)}; choose from {', '.join(sorted(ENGINES))}")
+    specs = {e: engine_spec(e) for e in engines}        # each engine, or a variant such as fast:pipeline=false
     if clients not in CLIENTS: raise ValueError(f"clients must be one of {CLIENTS}, not {clients!r}")
     if server not in SERVERS: raise ValueError(f"server must be one of {SERVERS}, not {server!r}")
     if server == "process" and quantization != "nf4":
@@ -671,8 +688,8 @@ def bench_serve(adapters: str | os.PathLike | None = None, engines: tuple[str, .
                               "engine_kw": engine_kw or {}, "clients": clients, "server": server}, "engines": {}}
         runs = [r for e in engines for r in [(e, models)] + ([(f"{e}/base", [name])] if base_only and e != "locked" else [])]
         for label, served in runs:
-            e = label.split("/")[0]
-            kw = (engine_kw or {}).get(e, {})
+            e, variant = specs[label.split("/")[0]]
+            kw = {**(engine_kw or {}).get(e, {}), **variant}
             if server == "thread":
                 eng = make_engine(model, tok, e, max_batch_size=max_batch_size, base_name=name, max_queue=1024, **kw)
                 running = BackgroundServer(create_app(eng, max_new_tokens=max(1024, max_new_tokens)))

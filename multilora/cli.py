@@ -96,7 +96,8 @@ def _cmd_serve(args):
           batch_window_ms=args.batch_window_ms, max_queue=args.max_queue, api_key=args.api_key, base_model=args.base,
           adapter_root=args.adapter_root,
           **({"max_len": args.max_len, "frozen_weights": args.frozen_weights,
-              "gpu_memory_budget": args.gpu_memory_budget, "pipeline": not args.no_pipeline} if args.engine == "fast" else {}))
+              "gpu_memory_budget": args.gpu_memory_budget, "pipeline": not args.no_pipeline,
+              "prefill_graph_tokens": args.prefill_graph_tokens} if args.engine == "fast" else {}))
 
 # %% ../nbs/09_cli.ipynb #340aacbe
 def _ints(s: str) -> tuple[int, ...]: return tuple(int(x) for x in s.split(","))
@@ -127,7 +128,8 @@ def _bench_serve(a):
                 prompt_tokens=a.prompt_tokens, requests_per_level=a.requests,
                 max_concurrency={"locked": a.locked_max_concurrency},
                 engine_kw={"fast": {"max_len": a.max_len, "frozen_weights": a.frozen_weights,
-                                    "gpu_memory_budget": a.gpu_memory_budget, "pipeline": not a.no_pipeline}}, clients=a.clients, waves=a.waves,
+                                    "gpu_memory_budget": a.gpu_memory_budget, "pipeline": not a.no_pipeline,
+                                    "prefill_graph_tokens": a.prefill_graph_tokens}}, clients=a.clients, waves=a.waves,
                 server=a.server)
 
 # %% ../nbs/09_cli.ipynb #76c2f1f2
@@ -185,6 +187,8 @@ def _cmd_export(args):
 def _add_serving_args(p):
     p.add_argument("--base", default=None, help="base model folder or hub id (default: the embedded model)")
     p.add_argument("--max-batch-size", type=int, default=16)
+    p.add_argument("--prefill-graph-tokens", type=int, default=4096,
+                   help="fast engine: prefills of up to this many tokens (rows x length, rounded up) run as CUDA graphs; 0: none")
     p.add_argument("--no-pipeline", action="store_true",
                    help="fast engine: wait for each decode step's tokens before the next (default: greedy steps overlap the host's work)")
 
@@ -230,7 +234,8 @@ def _bench_serving_suites(suites):
     s = _suite(suites, "serve", _bench_serve, "serving: the engines over HTTP, tokens/s and latency per concurrency")
     s.add_argument("--adapters", default=None,
                    help="adapters folder (default: marker adapters whose answers have a fixed length)")
-    s.add_argument("--engines", default="locked,batched")
+    s.add_argument("--engines", default="locked,batched",
+                   help="engines side by side, each a name or a variant such as fast:pipeline=false:prefill_graph_tokens=0")
     s.add_argument("--concurrency", default="1,4,8,16")
     s.add_argument("--max-new-tokens", type=int, default=16)
     s.add_argument("--prompt-tokens", type=int, default=None, help="stretch prompts to about this many tokens")

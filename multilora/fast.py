@@ -21,11 +21,12 @@ class FastEngine(Engine):
     kind = "fast"
     def __init__(self, model, tokenizer, max_batch_size: int = 32, max_len: int = 1024, cuda_graphs: bool | None = None,
                  frozen_weights: str = "auto", gpu_memory_budget: float | None = None, capture: bool = True,
-                 burst_s: float = 0.05, pipeline: bool = True, **kw):
+                 burst_s: float = 0.05, pipeline: bool = True, prefill_graph_tokens: int = 4096, **kw):
         super().__init__(model, tokenizer, **kw)
         self.burst_s = burst_s                       # steps per hand-off to the model thread: at most this long
         self.runner = FastLoRA(model, max_batch_size=max_batch_size, max_len=max_len, cuda_graphs=cuda_graphs,
-                               frozen_weights=frozen_weights, gpu_memory_budget=gpu_memory_budget)
+                               frozen_weights=frozen_weights, gpu_memory_budget=gpu_memory_budget,
+                               prefill_graph_tokens=prefill_graph_tokens)
         self.scheduler = Scheduler(self.runner, tokenizer, pipeline=pipeline)   # greedy steps overlap the host's work
         if capture: self.runner.capture_graphs()     # at start-up, not in the first requests' time (no-op if off)
         self.futures: dict[str, asyncio.Future] = {}
