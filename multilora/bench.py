@@ -615,6 +615,13 @@ def _bench_level_sync(*args, **kw) -> dict:
 
 CLIENTS = SERVERS = ("process", "thread")
 
+def _health(url: str) -> dict:
+    "The server's `/health` answer."
+    import httpx
+    r = httpx.get(f"{url}/health", timeout=30)
+    r.raise_for_status()
+    return r.json()
+
 def engine_spec(spec: str) -> tuple[str, dict]:
     "An engine and its settings from `name` or `name:key=value:...`: `fast:pipeline=false` is the fast engine, unpipelined."
     name, *items = spec.split(":")
@@ -668,7 +675,6 @@ def bench_serve(adapters: str | os.PathLike | None = None, engines: tuple[str, .
     level = (lambda *a, **kw: pool.submit(client, *a, **kw).result()) if pool else _bench_level_sync
     if adapters is None:   # marker adapters never emit EOS, so every request generates exactly max_new_tokens
         tmp = tempfile.mkdtemp(prefix="multilora-bench-")
-        from multilora.model import load_tokenizer
         adapters = _marker_adapters(base_model, tmp, {"alpha": " alpha", "beta": " beta", "gamma": " gamma"})
     try:
         if server == "thread":
@@ -695,6 +701,7 @@ def bench_serve(adapters: str | os.PathLike | None = None, engines: tuple[str, .
                 running = BackgroundServer(create_app(eng, max_new_tokens=max(1024, max_new_tokens)))
             else: eng, running = None, ServerProcess(_serve_args(adapters, e, max_batch_size, base_model, kw))
             rows = []
+            cfg = results["config"]
             with running as url:
                 level(url, served, min(max(concurrency), max_batch_size), min(max(concurrency), max_batch_size),
                       2, prompts, ignore_eos=ignore_eos)   # warm-up (and CUDA graph capture)
@@ -704,14 +711,13 @@ def bench_serve(adapters: str | os.PathLike | None = None, engines: tuple[str, .
                     rows.append(level(url, served, c, n, max_new_tokens, prompts, ignore_eos=ignore_eos))
                     if verbose: print(f"{label:>12} c={c:<3} {rows[-1]['tokens_per_s']:9.2f} tok/s  "
                                       f"p95 {rows[-1]['p95_latency_s']:.2f}s", flush=True)
+                # how the server ran the model, as its /health reports it to any client: the path after any
+                # fallback, CUDA graphs, pipelining, kernel choices, 16-bit copies (in this process or another)
+                for k, v in _health(url)["runtime"].items():
+                    if v is not None: cfg[f"{label} {k}"] = v
             results["engines"][label] = rows
-            if hasattr(eng, "stats"):      # the fast engine in this process: what its runner and scheduler did
-                stats, cfg = eng.stats(), results["config"]
-                cfg[f"{label} cuda_graphs"] = stats["cuda_graphs"]
-                cfg[f"{label} prefill_graphs"] = stats["prefill_graphs"]
-                cfg[f"{label} frozen_weights"] = stats["frozen_weights"]  # the path it ran, after any fallback
-                if stats.get("frozen_choices"): cfg[f"{label} frozen_choices"] = stats["frozen_choices"]
-                if stats.get("dense_copy_bytes"): cfg[f"{label} dense_copy_bytes"] = stats["dense_copy_bytes"]
+            if hasattr(eng, "stats"):      # the fast engine in this process: where its scheduler's time went
+                stats = eng.stats()
                 cfg[f"{label} timing"] = stats["timing"]
                 cfg[f"{label} trace"] = stats["trace"]            # per step, for plots
             _save(results, output)   # partial results survive a kill

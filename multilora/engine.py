@@ -337,6 +337,10 @@ class Engine:
     @property
     def queue_depth(self) -> int: raise NotImplementedError
 
+    def runtime(self) -> dict:
+        "How this engine runs the model (`/health` reports it, so a client's record says which path served it)."
+        return {}
+
     async def in_model_thread(self, fn, *args):
         "Run `fn(*args)` on the model thread, so the event loop stays free."
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)

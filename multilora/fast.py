@@ -55,14 +55,19 @@ class FastEngine(Engine):
 
     def _dequeue(self, req: GenRequest): self.futures.pop(req.id, None)
 
-    def stats(self) -> dict:
-        "What the runner and scheduler did: the frozen-layer path and CUDA graphs used, where the time went, a step trace."
-        r, s = self.runner, self.scheduler
+    def runtime(self) -> dict:
+        "The frozen-layer path, its kernel choices and 16-bit copies, and whether CUDA graphs and pipelining run."
+        r = self.runner
         return {"frozen_weights": r.frozen_weights, "cuda_graphs": r.cuda_graphs or r.graph_error,
                 "prefill_graphs": (r.cuda_graphs and r.prefill_graph_tokens) or r.prefill_graph_error,
+                "pipeline": self.scheduler.pipeline,
                 "frozen_choices": getattr(r.frozen_path, "choices", None),   # a path that picks a kernel per batch size
-                "dense_copy_bytes": getattr(r.frozen_path, "dense_bytes", None),   # 16-bit copies under a memory budget
-                "timing": {**s.timing, "decode_steps": s.steps}, "trace": list(s.trace)}
+                "dense_copy_bytes": getattr(r.frozen_path, "dense_bytes", None)}   # 16-bit copies under a memory budget
+
+    def stats(self) -> dict:
+        "`runtime()`, and what the scheduler did: where the time went, and a step trace."
+        s = self.scheduler
+        return {**self.runtime(), "timing": {**s.timing, "decode_steps": s.steps}, "trace": list(s.trace)}
 
 # %% ../nbs/07e_fast_engine.ipynb #839b51d4
 @patch

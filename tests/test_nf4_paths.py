@@ -73,8 +73,10 @@ def test_bnb_gemm_engine_matches_the_model_as_loaded():
                                       logits["bnb"]):
         # both are bf16 computations of the same NF4 model, so bnb_gemm may be about as far from it as dense is. Two
         # correct bf16 paths already differ by that much: on an H200 the prefill (which dequantizes on both paths)
-        # measured 0.0315 for bnb_gemm against 0.0191 for dense, 1.65x. A wrong kernel is off by O(1).
-        bound = max(2.5 * rel(dense, want), 1e-2)
+        # measured 0.0315 for bnb_gemm against 0.0191 for dense, 1.65x. On an H100 dense came out bit for bit equal to
+        # the model as loaded (0), while bnb_gemm's one-pass dequantization, one bf16 rounding step off on a few
+        # weights, measured 0.0225; hence the floor. A wrong kernel is off by O(1).
+        bound = max(2.5 * rel(dense, want), 5e-2)
         print(f"{what}: bnb_gemm {rel(got, want):.3g}, dense {rel(dense, want):.3g} from the model as loaded")
         assert rel(got, want) <= bound, (f"{what}: bnb_gemm differs from the model as loaded by {rel(got, want):.3g}, "
                                          f"more than {bound:.3g} (dense: {rel(dense, want):.3g}; "
