@@ -56,7 +56,7 @@ def main():
     p.add_argument("--requests", type=int, default=192)
     p.add_argument("--single", type=int, default=6, help="requests sent one at a time after the concurrent level")
     p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--prompt-words", type=int, default=100, help="about 1.3 tokens a word with a Llama tokenizer")
+    p.add_argument("--prompt-words", type=int, default=100, help="the embedded model's tokenizer made 120 words into about 130 tokens")
     p.add_argument("--json", default=None)
     a = p.parse_args()
     models = a.models.split(",")
