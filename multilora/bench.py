@@ -351,14 +351,14 @@ def trl_train_row(base_model: str | os.PathLike | None, task, steps: int, batch_
         gc.collect()
         if torch.cuda.is_available(): torch.cuda.empty_cache()
 
-def _time_demo(timeout: float = 7200) -> dict:
-    "Wall seconds of `multilora demo` as a user runs it, in a subprocess, into a temporary output dir."
+def _time_demo(timeout: float = 7200, *args: str, key: str = "demo") -> dict:
+    "Wall seconds of `multilora demo` (with `args`) as a user runs it, in a subprocess, into a temporary output dir."
     tmp = tempfile.mkdtemp(prefix="multilora-bench-demo-")
     try:
-        cmd = [sys.executable, "-m", "multilora", "demo", "--output-dir", str(Path(tmp)/"demo")]
+        cmd = [sys.executable, "-m", "multilora", "demo", "--output-dir", str(Path(tmp)/"demo"), *args]
         rc, s, text = _run(cmd, timeout)
-        return {"demo": " ".join(["python"] + cmd[1:]), "demo_seconds": round(s, 1), "demo_rc": rc,
-                **({} if rc == 0 else {"demo_error": _tail(text)})}
+        return {key: " ".join(["python"] + cmd[1:]), f"{key}_seconds": round(s, 1), f"{key}_rc": rc,
+                **({} if rc == 0 else {f"{key}_error": _tail(text)})}
     finally: shutil.rmtree(tmp, ignore_errors=True)
 
 # %% ../nbs/10_benchmarks.ipynb #bf462e1a
@@ -369,7 +369,9 @@ def bench_train(base_model: str | os.PathLike | None = None, steps: int = 20, ba
     "Useful tokens/s and peak memory: the baseline's padded loop against multilora's trainer (and TRL's), in one process."
     if steps <= warmup: raise ValueError(f"steps ({steps}) must exceed warmup ({warmup})")
     extra = {}
-    if demo: extra.update(_time_demo())              # first: the GPU is all the demo's, as a user's would be
+    if demo:                                         # first: the GPU is all the demo's, as a user's would be
+        extra.update(_time_demo())
+        if torch.cuda.is_available(): extra.update(_time_demo(7200, "--cuda-graphs", "off", key="demo_without_graphs"))
     trl_row = None
     if trl and importlib.util.find_spec("trl") is None:
         extra["skipped"] = f"{TRL_LABEL}: trl is not installed (pip install trl==1.16.0)"
@@ -402,13 +404,15 @@ def bench_train(base_model: str | os.PathLike | None = None, steps: int = 20, ba
         ("NF4, no checkpointing", {"frozen_weights": "bnb", "gradient_checkpointing": False}),
         ("dense copies", {"frozen_weights": "dense", "gradient_checkpointing": True}),
         ("dense copies, no checkpointing", {"frozen_weights": "dense", "gradient_checkpointing": False}),
+        *([("dense copies, no checkpointing, CUDA graphs", {"frozen_weights": "dense", "gradient_checkpointing": False,
+                                                            "cuda_graphs": True})] if torch.cuda.is_available() else []),
         ("auto", {}), ("auto, peft's LoRA modules", {"lora_function": False}))]
     for label, grouped, packing, bs, kw in runs:
         _reset_peak()
         r = _trainer_run(model, tok, tasks, data, steps, bs, max_length, warmup, grouped, packing, **kw)
         res["runs"][label] = {"useful_tokens_per_s": round(r["useful_tokens_timed"] / r["time_s"], 1),
                               "peak_memory_gb": _peak_gb(), "batch_size": bs,
-                              **{k: r["plan"][k] for k in ("frozen_weights", "gradient_checkpointing", "activations_gb")}}
+                              **{k: r["plan"][k] for k in ("frozen_weights", "gradient_checkpointing", "activations_gb", "cuda_graphs")}}
     # worst case for memory: every example exactly max_length tokens
     one = {"input_ids": [5] * max_length, "attention_mask": [1] * max_length,
            "labels": [IGNORE_INDEX] * (max_length - 64) + [5] * 64}
@@ -439,7 +443,8 @@ def format_train_bench(res: dict) -> str:
         lines.append(f"TRL {t['trl_version']}: one adapter ({t['task']}), batch = packed rows of {c['max_length']} tokens; "
                      f"training loss {t['loss_first']:.3f} -> {t['loss_last']:.3f}")
     if "skipped" in res: lines.append(f"skipped: {res['skipped']}")
-    if "demo_seconds" in res: lines.append(f"`{res['demo']}` took {res['demo_seconds']:.0f} s (exit status {res['demo_rc']})")
+    for key in ("demo", "demo_without_graphs"):
+        if f"{key}_seconds" in res: lines.append(f"`{res[key]}` took {res[f'{key}_seconds']:.0f} s (exit status {res[f'{key}_rc']})")
     return "\n".join(lines)
 
 # %% ../nbs/10_benchmarks.ipynb #8e3316ed

@@ -27,6 +27,7 @@ from .data import CompletionCollator, PackingCollator, batch_tokens, model_input
 from .sampler import FusedBatchSampler, MultiTaskDataset, TemperatureBatchSampler
 from .nf4 import DenseCopies, dense_copy_bytes, is_nf4, plan_dense_copies
 from .lora_function import OneFunctionLoRA
+from .step_graphs import StepGraphs, bucket_length, pad_batch
 from fastcore.basics import patch
 
 
@@ -58,6 +59,7 @@ class TrainConfig:
     gradient_checkpointing: bool | str = "auto"   # auto: off where the activations fit in free memory (see memory_plan)
     frozen_weights: str = "auto"          # dense: 16-bit copies of the NF4 weights while training; bnb: dequantize per call
     lora_function: bool = True            # each LoRA layer as one autograd function while training (chapter 4b); False: peft's
+    cuda_graphs: bool | str = "auto"      # each step shape's forward and backward as a CUDA graph (chapter 4c); auto: see memory_plan
     mixed_precision: str = "auto"         # auto: bf16 or fp16 autocast on GPU (per compute dtype), none on CPU
     progress: bool = True
 
@@ -74,6 +76,10 @@ class TrainConfig:
             raise ValueError(f"gradient_checkpointing must be true, false or auto, got {self.gradient_checkpointing!r}")
         if self.frozen_weights not in ("auto", "dense", "bnb"):
             raise ValueError(f"frozen_weights must be auto, dense or bnb, got {self.frozen_weights!r}")
+        if self.cuda_graphs not in (True, False, "auto"):
+            raise ValueError(f"cuda_graphs must be true, false or auto, got {self.cuda_graphs!r}")
+        if self.cuda_graphs is True and self.fused:
+            raise ValueError("cuda_graphs=True captures task-homogeneous steps; fused steps run eagerly: use cuda_graphs='auto' or False")
         for k in ("group_by_length", "packing", "fused", "lora_function", "progress"):
             if not isinstance(getattr(self, k), bool): raise ValueError(f"{k} must be true or false, got {getattr(self, k)!r}")
 
@@ -144,17 +150,23 @@ def memory_plan(model, config: TrainConfig, device: str, lengths: list[int] | No
     activations = activation_bytes_per_token(model.config, dtype_bytes) * tokens
     gc = config.gradient_checkpointing
     if gc == "auto": gc = device != "cpu" and activations > 0.8 * (free - dense * copies)
+    # a graph keeps its step's activations in a pool of its own: only where they fit several times over; packed steps
+    # vary in rows (a capture each) and keep the GPU busy anyway
+    graphs = config.cuda_graphs
+    if graphs == "auto":
+        graphs = device != "cpu" and not (gc or config.fused or config.packing) and activations <= 0.25 * (free - dense * copies)
     return {"device": device, "free_gb": round(free / 2**30, 1), "frozen_weights": "dense" if dense else "bnb",
             "dense_copies_gb": round(dense * copies / 2**30, 2), "gradient_checkpointing": bool(gc),
-            "activations_gb": round(activations / 2**30, 2)}
+            "activations_gb": round(activations / 2**30, 2), "cuda_graphs": bool(graphs)}
 
 def describe_plan(plan: dict) -> str:
     "One line on the memory plan: what was chosen and the numbers behind it."
     frozen = (f"dense copies of the NF4 weights in the compute dtype ({plan['dense_copies_gb']:.2f} GB)"
               if plan["frozen_weights"] == "dense" else "dequantized from NF4 at each call")
     gc = "on" if plan["gradient_checkpointing"] else "off"
+    graphs = "; steps as CUDA graphs" if plan.get("cuda_graphs") else ""
     return (f"training on {plan['device']} ({plan['free_gb']:.1f} GB free): frozen weights {frozen}; gradient checkpointing "
-            f"{gc} (activations of a full micro-batch ~{plan['activations_gb']:.2f} GB)")
+            f"{gc} (activations of a full micro-batch ~{plan['activations_gb']:.2f} GB){graphs}")
 
 # %% ../nbs/04_training.ipynb #4209bb5f
 class MultiLoRATrainer:
@@ -181,6 +193,11 @@ class MultiLoRATrainer:
         self.dataset = MultiTaskDataset({n: self.train_data[n] for n in self.tasks})
         self.plan = memory_plan(model, config, device, lengths=[n for ls in self.dataset.lengths().values() for n in ls])
         self.gradient_checkpointing = self.plan["gradient_checkpointing"]
+        if self.plan["cuda_graphs"] and (device == "cpu" or self.acc.num_processes > 1 or self.acc.scaler is not None):
+            if config.cuda_graphs is True:
+                raise ValueError("cuda_graphs=True needs one process on a GPU with bf16 or no mixed precision "
+                                 f"(here: {device}, {self.acc.num_processes} process(es), mixed precision {mp})")
+            self.plan["cuda_graphs"] = False
         if config.progress and self.acc.is_main_process: print(describe_plan(self.plan))
         weights = {n: t.sampling_weight for n, t in self.tasks.items() if t.sampling_weight is not None} or None
         sampler = FusedBatchSampler if config.fused else TemperatureBatchSampler
@@ -220,6 +237,8 @@ def _setup_model(self: MultiLoRATrainer, model):
     self.model, self.optimizers = model, dict(zip(self.tasks, opts))
     self.copies = None                                          # the frozen weights' dense copies, while `train()` runs
     self.lora_calls, self.lora_function_calls = None, 0         # its LoRA layers' one-function path (chapter 4b), and its calls
+    self.graphs, self.graph_counts = None, {}                   # its steps as CUDA graphs (chapter 4c), and what they did
+    self._switchable = None                                     # its LoRA layers, where an adapter switch may only rename
     in_opt = {n: sum(p.numel() for g in o.param_groups for p in g["params"]) for n, o in self.optimizers.items()}
     for n in self.tasks:
         assert in_opt[n] == sum(p.numel() for p in self.params[n]) > 0, f"adapter {n} is not fully in its optimizer"
@@ -235,9 +254,33 @@ def _activate(self: MultiLoRATrainer, task: str):
     "Make `task`'s adapter the active one and the only one requiring grad, unless it already is."
     if self.unwrapped.active_adapters == [task] and all(ps[0].requires_grad == (n == task) for n, ps in self.params.items()):
         return                                                  # checked, not remembered: other code may switch adapters
-    self.unwrapped.set_adapter(task)
+    if self._switchable is None: self._switchable = _plain_lora_layers(self.unwrapped)
+    if self._switchable:                                        # what peft's set_adapter does to plain LoRA layers, alone
+        for layer in self._switchable: layer._active_adapter = [task]
+        self.unwrapped.base_model.active_adapter = task
+    else: self.unwrapped.set_adapter(task)
     for n, ps in self.params.items():
         for p in ps: p.requires_grad_(n == task)
+
+def _plain_lora_layers(model) -> list:
+    "`model`'s peft layers, if switching adapters is only a matter of naming the active one in each; else []."
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    try: from peft.utils.other import AuxiliaryTrainingWrapper as Wrapper    # modules_to_save, trainable tokens
+    except ImportError: from peft.utils.other import ModulesToSaveWrapper as Wrapper
+    mods = list(model.modules())
+    layers = [m for m in mods if isinstance(m, BaseTunerLayer)]
+    plain = layers and all("_active_adapter" in vars(m) and not m.merged for m in layers) and not any(isinstance(m, Wrapper) for m in mods)
+    return layers if plain else []
+
+@patch
+def _forward_backward(self: MultiLoRATrainer, inputs: dict) -> torch.Tensor:
+    "Forward and backward pass of one micro-batch, its mean loss weighted by `inputs['loss_scale']`: that loss, detached."
+    inputs = dict(inputs)
+    scale = inputs.pop("loss_scale")
+    with self.acc.autocast():
+        loss = self.model(**inputs, use_cache=False).loss * scale  # no cache: also what lets transformers see packed rows
+    self.acc.backward(loss)
+    return loss.detach().float()
 
 @patch
 def _train_step(self: MultiLoRATrainer, task: str, features: list[dict]) -> dict:
@@ -253,13 +296,14 @@ def _train_step(self: MultiLoRATrainer, task: str, features: list[dict]) -> dict
     n_targets = int(self.acc.reduce(torch.tensor(sum(counts), device=self.acc.device), "sum")) if world > 1 else sum(counts)
     loss_sum = torch.zeros((), device=self.acc.device)
     for k, m in enumerate(micro):
+        scale = counts[k] * world / n_targets
+        if self.graphs is not None:                             # rows padded to a few lengths, each a graph (chapter 4c)
+            m = model_inputs(pad_batch(m, bucket_length(m["input_ids"].shape[1], self.cfg.max_length), self.collate.pad_id))
+            loss_sum += self.graphs(task, {**m, "loss_scale": torch.tensor(scale, dtype=torch.float32)})
+            continue
         m = {key: v.to(self.acc.device, non_blocking=True) for key, v in model_inputs(m).items()}
         sync = self.acc.no_sync(self.model) if k < len(micro) - 1 and world > 1 else contextlib.nullcontext()
-        with sync, self.acc.autocast():
-            out = self.model(**m, use_cache=False)              # no cache: also what lets transformers see packed rows
-            loss = out.loss * (counts[k] * world / n_targets)
-        self.acc.backward(loss)
-        loss_sum += loss.detach().float() / world
+        with sync: loss_sum += self._forward_backward({**m, "loss_scale": scale}) / world
     # one verdict per step, read once: a non-finite loss anywhere in the draw skips the update (on every rank alike)
     stats = torch.stack([loss_sum, (~torch.isfinite(loss_sum)).float()])
     loss_sum, bad = (self.acc.reduce(stats, "sum") if world > 1 else stats).tolist()
@@ -285,7 +329,7 @@ def _update(self: MultiLoRATrainer, task: str, finite: bool) -> tuple[bool, floa
     else:
         self.skipped[task] += 1
         warnings.warn(f"step {self.step + 1}: non-finite loss or gradient for {task!r}; its update is skipped and no weight changes")
-    opt.zero_grad(set_to_none=True)
+    opt.zero_grad(set_to_none=self.graphs is None)             # captured graphs add into the gradients they were recorded with
     return finite, grad_norm
 
 # %% ../nbs/04_training.ipynb #a4cfff04
@@ -435,6 +479,8 @@ def train(self: MultiLoRATrainer, resume: bool = False) -> dict:
         self.copies = DenseCopies(plan_dense_copies(self.unwrapped.modules(), float("inf")))
     if cfg.lora_function and self.lora_calls is None:
         self.lora_calls = OneFunctionLoRA(self.unwrapped, self.copies.copies if self.copies is not None else None)
+    if self.plan["cuda_graphs"] and self.graphs is None:
+        self.graphs = StepGraphs(self._forward_backward, lambda: [p for ps in self.params.values() for p in ps], self.acc.device)
     ema, t0, tok_seen = {}, time.time(), 0
     bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not (cfg.progress and self.acc.is_main_process), desc="training")
     try:
@@ -459,6 +505,10 @@ def train(self: MultiLoRATrainer, resume: bool = False) -> dict:
     finally:
         bar.close()
         if log: log.close()
+        if self.graphs is not None:                           # before the layers they recorded change back
+            self.graph_counts = {k: self.graph_counts.get(k, 0) + v for k, v in self.graphs.counts.items()}
+            self.graphs.reset()
+        self.graphs = None
         if self.lora_calls is not None:
             self.lora_function_calls += self.lora_calls.calls
             self.lora_calls.remove()                          # peft's own LoRA layers again
@@ -487,6 +537,8 @@ def _step_or_checkpoint(self: MultiLoRATrainer, idx: list[int]) -> list[dict]:
         if self.gradient_checkpointing or self.cfg.gradient_checkpointing != "auto" or self.acc.num_processes > 1: raise
         reason = str(e).splitlines()[0]
     # outside the `except`: the failed step's tensors, held by the traceback, are free now
+    if self.graphs is not None: self.graphs.reset()                      # recorded without checkpointing: eager from now
+    self.graphs, self.plan["cuda_graphs"] = None, False
     for o in self.optimizers.values(): o.zero_grad(set_to_none=True)     # half a backward pass's gradients
     if torch.cuda.is_available(): torch.cuda.empty_cache(); torch.cuda.set_rng_state(rng[1])
     torch.set_rng_state(rng[0])                                           # the same dropout masks as the first try

@@ -119,3 +119,35 @@ def test_packing_trains_on_the_same_tokens_as_padding(tmp_path):
     wa, wb = _weights(tmp_path/"padded"), _weights(tmp_path/"packed")
     assert wa.keys() == wb.keys() and len(wa) > 0
     for k in wa: torch.testing.assert_close(wa[k], wb[k], rtol=1e-3, atol=1e-5)
+
+def test_adapter_switch_matches_peft():
+    "The trainer's adapter switch leaves every layer, the model and the outputs as peft's `set_adapter` does (run at the lower bounds too)."
+    from types import SimpleNamespace
+    from multilora.train import MultiLoRATrainer, _plain_lora_layers
+    from multilora.model import load_base_model
+    from multilora.adapters import attach_adapters, adapter_names, adapter_parameters, summarization_task, sql_task
+    base, tok = load_base_model()
+    torch.manual_seed(0)
+    model = attach_adapters(base, [summarization_task(), sql_task()], verbose=False).eval()
+    names = adapter_names(model)
+    for n in names:
+        for k, p in adapter_parameters(model, n).items():
+            if "lora_B" in k: torch.nn.init.normal_(p, std=0.05)   # zero B would hide which adapter ran
+    trainer = SimpleNamespace(unwrapped=model, _switchable=None,
+                              params={n: list(adapter_parameters(model, n).values()) for n in names})
+    ids = torch.randint(0, tok.vocab_size, (2, 16))
+    layers = lambda: [m.active_adapters for m in _plain_lora_layers(model)]
+    outputs = {}
+    for task in names + names:
+        other = [n for n in names if n != task][0]
+        model.set_adapter(task)
+        want_layers, want_model = layers(), model.active_adapters
+        with torch.no_grad(): want = model(input_ids=ids).logits
+        model.set_adapter(other)
+        MultiLoRATrainer._activate(trainer, task)
+        assert trainer._switchable and layers() == want_layers and model.active_adapters == want_model == [task]
+        with torch.no_grad(): got = model(input_ids=ids).logits
+        assert torch.equal(got, want), task
+        assert all(p.requires_grad == (n == task) for n, ps in trainer.params.items() for p in ps)
+        outputs[task] = got
+    assert not torch.allclose(outputs[names[0]], outputs[names[1]])     # the two adapters do differ
