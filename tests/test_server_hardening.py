@@ -21,6 +21,25 @@ def rss_mb() -> float:
     with open("/proc/self/status") as f:
         return next(int(l.split()[1]) / 1024 for l in f if l.startswith("VmRSS"))
 
+def tensor_mb() -> float:
+    "MB held by live tensors (each storage once): what a load that failed must not leave behind, exactly."
+    gc.collect()
+    storages = {}
+    for o in gc.get_objects():
+        if isinstance(o, torch.Tensor) and o.device.type != "meta":
+            s = o.untyped_storage()
+            storages[(s.device, s.data_ptr())] = s.nbytes()
+    return sum(storages.values()) / 2**20
+
+def memory() -> tuple[float, float]: return tensor_mb(), rss_mb()
+
+def assert_nothing_left(before: tuple[float, float], what: str):
+    """No tensor a failed load made is still alive, and the process did not grow by much (RSS moves with the allocator's
+    arenas in a long test process, so it only guards against a gross leak; live tensors are the exact check)."""
+    (tensors, rss), (tensors_now, rss_now) = before, memory()
+    assert tensors_now - tensors < 1, f"{what} left {tensors_now - tensors:.1f} MB of tensors behind"
+    assert rss_now - rss < 200, f"{what} grew the process by {rss_now - rss:.0f} MB"
+
 def bad_adapter(root, name, config=None, weights=None, raw_config=None, raw_weights=None):
     "A copy of marker adapter gamma under `root/bad/name`, its config patched and/or its weights replaced."
     p = root/"bad"/name
@@ -71,15 +90,13 @@ def test_bad_adapters_are_refused_and_change_nothing(make_server, adapter_root):
     url, eng = make_server("batched")
     before, said = listed(url), answers(url)
     for _ in range(2): post(url, "/v1/load_lora_adapter", {"lora_name": "g", "lora_path": bad_adapter(adapter_root, "warm", {"r": 8192})})
-    gc.collect()
-    rss = rss_mb()
+    before_bad = memory()
     for case, name, path, words in BAD_ADAPTERS:
         r = post(url, "/v1/load_lora_adapter", {"lora_name": name, "lora_path": path(adapter_root)})
         assert r.status_code == 400, (case, r.status_code, r.text)
         assert words in r.json()["error"]["message"], (case, r.text)
         assert listed(url) == before and eng.adapters == ["alpha", "beta"], case
-    gc.collect()
-    assert rss_mb() - rss < 100, "a refused adapter left memory behind"
+    assert_nothing_left(before_bad, "a refused adapter")
     assert answers(url) == said == {"alpha": " alpha alpha alpha", "beta": " beta beta beta"}
     # and a good adapter still loads under the name the bad ones asked for
     assert post(url, "/v1/load_lora_adapter", {"lora_name": "g", "lora_path": "extra/gamma"}).status_code == 200
@@ -113,8 +130,7 @@ def test_first_adapter_on_a_bare_base_is_all_or_nothing(make_server, bare, adapt
     cases = [(bad_adapter(adapter_root, "late", FAILS_LATE), "positive integer value"),
              (bad_adapter(adapter_root, "unplaced", weights=unplaced), "could not place")]
     for path, _ in cases: post(url, "/v1/load_lora_adapter", {"lora_name": "first", "lora_path": path})   # warm-up
-    gc.collect()
-    rss = rss_mb()
+    before_loads = memory()
     for _ in range(2):
         for path, words in cases:
             r = post(url, "/v1/load_lora_adapter", {"lora_name": "first", "lora_path": path})
@@ -122,8 +138,7 @@ def test_first_adapter_on_a_bare_base_is_all_or_nothing(make_server, bare, adapt
             assert listed(url) == [base] and eng.adapters == [] and eng.model is model
             assert not isinstance(eng.model, PeftModel)
             assert layout() == before, path                  # no module left wrapped, no peft_config on the base
-    gc.collect()
-    assert rss_mb() - rss < 50, "a failed first load left memory behind"
+    assert_nothing_left(before_loads, "a failed first load")
     assert complete(url, base).json()["choices"][0]["text"] == said and complete(url, "first").status_code == 404
     # and a good first adapter still loads, next to the base as it was
     assert post(url, "/v1/load_lora_adapter", {"lora_name": "first", "lora_path": "extra/gamma"}).status_code == 200
