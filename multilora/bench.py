@@ -406,13 +406,15 @@ def bench_train(base_model: str | os.PathLike | None = None, steps: int = 20, ba
         ("dense copies, no checkpointing", {"frozen_weights": "dense", "gradient_checkpointing": False}),
         *([("dense copies, no checkpointing, CUDA graphs", {"frozen_weights": "dense", "gradient_checkpointing": False,
                                                             "cuda_graphs": True})] if torch.cuda.is_available() else []),
-        ("auto", {}), ("auto, peft's LoRA modules", {"lora_function": False}))]
+        ("auto", {}), ("auto, peft's LoRA modules", {"lora_function": False}),
+        *([("auto, without Liger", {"liger": False})] if torch.cuda.is_available() else []))]
     for label, grouped, packing, bs, kw in runs:
         _reset_peak()
         r = _trainer_run(model, tok, tasks, data, steps, bs, max_length, warmup, grouped, packing, **kw)
         res["runs"][label] = {"useful_tokens_per_s": round(r["useful_tokens_timed"] / r["time_s"], 1),
                               "peak_memory_gb": _peak_gb(), "batch_size": bs,
-                              **{k: r["plan"][k] for k in ("frozen_weights", "gradient_checkpointing", "activations_gb", "cuda_graphs")}}
+                              **{k: r["plan"][k] for k in ("frozen_weights", "gradient_checkpointing", "activations_gb", "cuda_graphs",
+                                                           "liger", "liger_loss")}}
     # worst case for memory: every example exactly max_length tokens
     one = {"input_ids": [5] * max_length, "attention_mask": [1] * max_length,
            "labels": [IGNORE_INDEX] * (max_length - 64) + [5] * 64}

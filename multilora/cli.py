@@ -8,7 +8,7 @@ import argparse, sys, time, json
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['GRAPH_CHOICES', 'build_parser', 'main']
+__all__ = ['AUTO_ON_OFF', 'build_parser', 'main']
 
 # %% ../nbs/09_cli.ipynb #4fad8709
 def _print_summary(summary: dict, out_dir, elapsed: float):
@@ -32,7 +32,7 @@ def _save_plot(trainer, out_dir):
     plt.close(ax.figure)
 
 # %% ../nbs/09_cli.ipynb #539a1768
-GRAPH_CHOICES = {"auto": "auto", "on": True, "off": False}     # --cuda-graphs, as TrainConfig.cuda_graphs takes it
+AUTO_ON_OFF = {"auto": "auto", "on": True, "off": False}       # --cuda-graphs and --liger, as TrainConfig takes them
 
 def _cmd_train(args):
     "Train the adapters a TOML or YAML config describes."
@@ -41,7 +41,8 @@ def _cmd_train(args):
     overrides = {k: v for k, v in {"output_dir": args.output_dir, "max_steps": args.max_steps,
                                    "batch_size": args.batch_size, "packing": True if args.packing else None,
                                    "fused": True if args.fused else None,
-                                   "cuda_graphs": GRAPH_CHOICES.get(args.cuda_graphs)}.items() if v is not None}
+                                   "cuda_graphs": AUTO_ON_OFF.get(args.cuda_graphs),
+                                   "liger": AUTO_ON_OFF.get(args.liger)}.items() if v is not None}
     trainer, summary = run_from_config(load_config(args.config), resume=args.resume, overrides=overrides)
     if trainer.acc.is_main_process:
         _save_plot(trainer, trainer.cfg.output_dir)
@@ -54,7 +55,7 @@ def _cmd_demo(args):
     from multilora.train import demo_config, publish_demo_run, run_from_config
     t0 = time.time()
     cfg = demo_config(args.steps, args.output_dir)
-    cfg["train"]["cuda_graphs"] = GRAPH_CHOICES[args.cuda_graphs]
+    cfg["train"]["cuda_graphs"], cfg["train"]["liger"] = AUTO_ON_OFF[args.cuda_graphs], AUTO_ON_OFF[args.liger]
     out = Path(cfg["train"]["output_dir"])
     if out.exists() and any(out.iterdir()):
         if not (out/"config.json").exists() or json.loads((out/"config.json").read_text()).get("tasks") != cfg["tasks"]:
@@ -316,8 +317,10 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="the README's main job: train both built-in adapters briefly on the embedded model")
     d.add_argument("--steps", type=int, default=None, help="training steps (default: 64 on CPU, 600 on GPU)")
     d.add_argument("--output-dir", default=None, help="where the run goes (default: runs/demo)")
-    d.add_argument("--cuda-graphs", default="auto", choices=list(GRAPH_CHOICES),
+    d.add_argument("--cuda-graphs", default="auto", choices=list(AUTO_ON_OFF),
                    help="each step shape's forward and backward as a CUDA graph (default auto: on a GPU where they fit)")
+    d.add_argument("--liger", default="auto", choices=list(AUTO_ON_OFF),
+                   help="Liger's fused RMSNorm, SwiGLU and loss kernels (default auto: on a GPU where liger-kernel is installed)")
     d.set_defaults(func=_cmd_demo)
     t = sub.add_parser("train", help="train the adapters a TOML/YAML config describes")
     t.add_argument("--config", required=True, help="TOML or YAML file: model, quantization, [train], [[tasks]]")
@@ -329,7 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pack each step's examples into rows of max_length tokens ([train] packing)")
     t.add_argument("--fused", action="store_true",
                    help="fused steps: rows of several tasks in one pass, each through its own adapter ([train] fused)")
-    t.add_argument("--cuda-graphs", default=None, choices=list(GRAPH_CHOICES), help="override [train] cuda_graphs")
+    t.add_argument("--cuda-graphs", default=None, choices=list(AUTO_ON_OFF), help="override [train] cuda_graphs")
+    t.add_argument("--liger", default=None, choices=list(AUTO_ON_OFF), help="override [train] liger")
     t.set_defaults(func=_cmd_train)
     e = sub.add_parser("eval", help="score adapters on their tasks' test splits vs other adapters and the base")
     e.add_argument("--adapters", default=None, help="adapters folder (default: the cached demo run's)")

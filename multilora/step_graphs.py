@@ -73,6 +73,11 @@ def _restore(params: list, grads: list, rng: tuple, device):
         else: p.grad.copy_(g)
     torch.set_rng_state(rng[0]); torch.cuda.set_rng_state(rng[1], device)
 
+def _end_generator_capture(device):
+    "End the capture mode that a failed capture leaves the CUDA RNG in: a capture that ends does, so record a tiny one."
+    one = torch.zeros(1, device=device)
+    with torch.cuda.device(device), torch.cuda.graph(torch.cuda.CUDAGraph()): one.add_(1)
+
 @patch
 def _capture(self: StepGraphs, key, inputs: dict):
     "Warm `fn` up on a side stream, record it into a graph, and leave gradients and RNG as they were."
@@ -97,6 +102,7 @@ def _capture(self: StepGraphs, key, inputs: dict):
         self.failed[key] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         warnings.warn(f"A training step of {key[0]!r} with inputs {[(k, s) for k, s, _ in key[1:]]} could not be captured "
                       f"as a CUDA graph ({self.failed[key]}); steps of this shape run eagerly")
+        _end_generator_capture(self.device)      # else the next eager dropout fails: "Offset increment outside graph capture"
         torch.set_rng_state(rng[0]); torch.cuda.set_rng_state(rng[1], self.device)
         return
     _restore(params, grads, rng, self.device)

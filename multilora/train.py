@@ -28,6 +28,7 @@ from .sampler import FusedBatchSampler, MultiTaskDataset, TemperatureBatchSample
 from .nf4 import DenseCopies, dense_copy_bytes, is_nf4, plan_dense_copies
 from .lora_function import OneFunctionLoRA
 from .step_graphs import StepGraphs, bucket_length, pad_batch
+from .liger import LigerKernels, liger_unsupported
 from fastcore.basics import patch
 
 
@@ -60,6 +61,7 @@ class TrainConfig:
     frozen_weights: str = "auto"          # dense: 16-bit copies of the NF4 weights while training; bnb: dequantize per call
     lora_function: bool = True            # each LoRA layer as one autograd function while training (chapter 4b); False: peft's
     cuda_graphs: bool | str = "auto"      # each step shape's forward and backward as a CUDA graph (chapter 4c); auto: see memory_plan
+    liger: bool | str = "auto"            # Liger's fused RMSNorm, SwiGLU and loss kernels (chapter 4d); auto: where they can run
     mixed_precision: str = "auto"         # auto: bf16 or fp16 autocast on GPU (per compute dtype), none on CPU
     progress: bool = True
 
@@ -78,6 +80,7 @@ class TrainConfig:
             raise ValueError(f"frozen_weights must be auto, dense or bnb, got {self.frozen_weights!r}")
         if self.cuda_graphs not in (True, False, "auto"):
             raise ValueError(f"cuda_graphs must be true, false or auto, got {self.cuda_graphs!r}")
+        if self.liger not in (True, False, "auto"): raise ValueError(f"liger must be true, false or auto, got {self.liger!r}")
         if self.cuda_graphs is True and self.fused:
             raise ValueError("cuda_graphs=True captures task-homogeneous steps; fused steps run eagerly: use cuda_graphs='auto' or False")
         for k in ("group_by_length", "packing", "fused", "lora_function", "progress"):
@@ -112,14 +115,15 @@ def _device_settings(config: TrainConfig, device: str) -> tuple[str, bool]:
     return mp, bool(gc)
 
 # %% ../nbs/04_training.ipynb #28cc6403
-def activation_bytes_per_token(config, dtype_bytes: int = 2) -> int:
+def activation_bytes_per_token(config, dtype_bytes: int = 2, logits: bool = True) -> int:
     "Roughly the activation bytes one token keeps for the backward pass of a LoRA-wrapped decoder, no checkpointing."
     h = config.hidden_size
     i = getattr(config, "intermediate_size", None) or 4 * h
     # per layer: norms (some in fp32), q|k|v, attention, residuals and the LoRA wrappers' inputs; gate, up, act, down's
     # input. Calibrated on the 7B shape on an H200: 70 GB at 5.6k packed tokens, 12 MB a token, this formula's figure
     per_layer = (24 * h + 8 * i) * dtype_bytes
-    return config.num_hidden_layers * per_layer + config.vocab_size * 12   # logits, their fp32 copy and its gradient
+    # logits, their fp32 copy and its gradient, unless a fused loss (chapter 4d) never builds them
+    return config.num_hidden_layers * per_layer + config.vocab_size * 12 * logits
 
 def _device_memory(device: str) -> tuple[int, int]:
     "Free and total bytes of `device`'s memory: the GPU's (counting what torch's cache holds unused), or the RAM."
@@ -147,7 +151,13 @@ def memory_plan(model, config: TrainConfig, device: str, lengths: list[int] | No
     dense = {"auto": copies <= min(total / 4, free / 2), "dense": True, "bnb": False}[config.frozen_weights] and bool(nf4)
     dtype_bytes = 4 if device == "cpu" else 2
     tokens = micro_batch_tokens(config, lengths)
-    activations = activation_bytes_per_token(model.config, dtype_bytes) * tokens
+    liger = config.liger
+    if liger is not False:                      # Liger's kernels (chapter 4d) wherever they can run, unless turned off
+        why = "it runs on the GPU only" if device == "cpu" else liger_unsupported(model)
+        if why and liger is True: raise ValueError(f"liger=True, but {why}; use liger='auto' or False")
+        liger = why is None
+    per_token = lambda logits: activation_bytes_per_token(model.config, dtype_bytes, logits) * tokens
+    activations = per_token(not liger)
     gc = config.gradient_checkpointing
     if gc == "auto": gc = device != "cpu" and activations > 0.8 * (free - dense * copies)
     # a graph keeps its step's activations in a pool of its own: only where they fit several times over; packed steps
@@ -155,9 +165,11 @@ def memory_plan(model, config: TrainConfig, device: str, lengths: list[int] | No
     graphs = config.cuda_graphs
     if graphs == "auto":
         graphs = device != "cpu" and not (gc or config.fused or config.packing) and activations <= 0.25 * (free - dense * copies)
+    liger_loss = liger and not graphs           # the fused loss reads a count on the host, which a graph cannot record
     return {"device": device, "free_gb": round(free / 2**30, 1), "frozen_weights": "dense" if dense else "bnb",
             "dense_copies_gb": round(dense * copies / 2**30, 2), "gradient_checkpointing": bool(gc),
-            "activations_gb": round(activations / 2**30, 2), "cuda_graphs": bool(graphs)}
+            "activations_gb": round(per_token(not liger_loss) / 2**30, 2), "cuda_graphs": bool(graphs),
+            "liger": bool(liger), "liger_loss": bool(liger_loss)}
 
 def describe_plan(plan: dict) -> str:
     "One line on the memory plan: what was chosen and the numbers behind it."
@@ -165,8 +177,10 @@ def describe_plan(plan: dict) -> str:
               if plan["frozen_weights"] == "dense" else "dequantized from NF4 at each call")
     gc = "on" if plan["gradient_checkpointing"] else "off"
     graphs = "; steps as CUDA graphs" if plan.get("cuda_graphs") else ""
+    liger = (f"; Liger's kernels for RMSNorm, SwiGLU{' and the loss' if plan.get('liger_loss') else ''}"
+             if plan.get("liger") else "")
     return (f"training on {plan['device']} ({plan['free_gb']:.1f} GB free): frozen weights {frozen}; gradient checkpointing "
-            f"{gc} (activations of a full micro-batch ~{plan['activations_gb']:.2f} GB){graphs}")
+            f"{gc} (activations of a full micro-batch ~{plan['activations_gb']:.2f} GB){graphs}{liger}")
 
 # %% ../nbs/04_training.ipynb #4209bb5f
 class MultiLoRATrainer:
@@ -197,7 +211,7 @@ class MultiLoRATrainer:
             if config.cuda_graphs is True:
                 raise ValueError("cuda_graphs=True needs one process on a GPU with bf16 or no mixed precision "
                                  f"(here: {device}, {self.acc.num_processes} process(es), mixed precision {mp})")
-            self.plan["cuda_graphs"] = False
+            self.plan["cuda_graphs"], self.plan["liger_loss"] = False, self.plan["liger"]
         if config.progress and self.acc.is_main_process: print(describe_plan(self.plan))
         weights = {n: t.sampling_weight for n, t in self.tasks.items() if t.sampling_weight is not None} or None
         sampler = FusedBatchSampler if config.fused else TemperatureBatchSampler
@@ -238,6 +252,7 @@ def _setup_model(self: MultiLoRATrainer, model):
     self.copies = None                                          # the frozen weights' dense copies, while `train()` runs
     self.lora_calls, self.lora_function_calls = None, 0         # its LoRA layers' one-function path (chapter 4b), and its calls
     self.graphs, self.graph_counts = None, {}                   # its steps as CUDA graphs (chapter 4c), and what they did
+    self.liger = None                                           # Liger's kernels in its modules (chapter 4d), while `train()` runs
     self._switchable = None                                     # its LoRA layers, where an adapter switch may only rename
     in_opt = {n: sum(p.numel() for g in o.param_groups for p in g["params"]) for n, o in self.optimizers.items()}
     for n in self.tasks:
@@ -348,8 +363,8 @@ def _rng_state() -> dict:
 def _set_rng_state(s: dict):
     kind, keys, pos, has_gauss, gauss = s["numpy"]
     random.setstate(s["python"]); np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
-    torch.set_rng_state(s["torch"])
-    if "cuda" in s and torch.cuda.is_available(): torch.cuda.set_rng_state_all(s["cuda"])
+    torch.set_rng_state(s["torch"].cpu())          # RNG states are CPU byte tensors, wherever the checkpoint was loaded to
+    if "cuda" in s and torch.cuda.is_available(): torch.cuda.set_rng_state_all([t.cpu() for t in s["cuda"]])
 
 # %% ../nbs/04_training.ipynb #dc03807a
 @patch
@@ -479,6 +494,8 @@ def train(self: MultiLoRATrainer, resume: bool = False) -> dict:
         self.copies = DenseCopies(plan_dense_copies(self.unwrapped.modules(), float("inf")))
     if cfg.lora_function and self.lora_calls is None:
         self.lora_calls = OneFunctionLoRA(self.unwrapped, self.copies.copies if self.copies is not None else None)
+    if self.plan["liger"] and self.liger is None:                # before graphs record the forwards it replaces
+        self.liger = LigerKernels(self.unwrapped, loss=self.plan["liger_loss"])
     if self.plan["cuda_graphs"] and self.graphs is None:
         self.graphs = StepGraphs(self._forward_backward, lambda: [p for ps in self.params.values() for p in ps], self.acc.device)
     ema, t0, tok_seen = {}, time.time(), 0
@@ -512,8 +529,9 @@ def train(self: MultiLoRATrainer, resume: bool = False) -> dict:
         if self.lora_calls is not None:
             self.lora_function_calls += self.lora_calls.calls
             self.lora_calls.remove()                          # peft's own LoRA layers again
+        if self.liger is not None: self.liger.remove()        # transformers' own norms, MLPs and loss again
         if self.copies is not None: self.copies.remove()      # the model is NF4 alone again
-        self.copies = self.lora_calls = None
+        self.copies = self.lora_calls = self.liger = None
     if self.acc.is_main_process: save_adapters(self.unwrapped, self.out/"adapters", tasks=list(self.tasks.values()))
     return self.summary()
 
