@@ -237,6 +237,7 @@ def _setup_model(self: MultiLoRATrainer, model):
     "Prepare the model and build one optimizer per adapter, over *all* its parameters."
     prepare_for_training(model, gradient_checkpointing=self.gradient_checkpointing)
     if not self.gradient_checkpointing and _checkpointing(model): model.gradient_checkpointing_disable()
+    model.train()                                               # all of it: see `train()`
     self.unwrapped = model
     for n in self.tasks:  # every adapter trainable while DDP registers parameters; steps then toggle the active one
         for p in adapter_parameters(model, n).values(): p.requires_grad_(True)
@@ -490,6 +491,9 @@ def train(self: MultiLoRATrainer, resume: bool = False) -> dict:
     log = open(self.out/"metrics.jsonl", "w") if self.acc.is_main_process else None
     if log: log.writelines(json.dumps(r) + "\n" for r in self.history); log.flush()  # empty, or cut back to the checkpoint
     batches = self._batches()
+    # every module in training mode, not just the top one: a loaded model is in eval mode, and the peft model wrapped
+    # around it says `training` all the same, so dropout and gradient checkpointing would silently stay off
+    self.model.train()
     if self.plan["frozen_weights"] == "dense" and self.copies is None:
         self.copies = DenseCopies(plan_dense_copies(self.unwrapped.modules(), float("inf")))
     if cfg.lora_function and self.lora_calls is None:

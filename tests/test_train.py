@@ -151,3 +151,28 @@ def test_adapter_switch_matches_peft():
         assert all(p.requires_grad == (n == task) for n, ps in trainer.params.items() for p in ps)
         outputs[task] = got
     assert not torch.allclose(outputs[names[0]], outputs[names[1]])     # the two adapters do differ
+
+def test_a_loaded_model_trains_in_training_mode(tmp_path):
+    """A loaded model is in eval mode and the peft model around it says `training` regardless: the trainer must put every
+    module in training mode, or LoRA dropout and gradient checkpointing silently stay off. With checkpointing asked for,
+    each decoder layer runs in training mode, under the checkpoint function, with its LoRA dropout on."""
+    from multilora.model import load_base_model
+    from multilora.adapters import attach_adapters
+    from multilora.data import builtin_tasks, tokenize_task
+    from multilora.train import MultiLoRATrainer, TrainConfig
+    base, tok = load_base_model()
+    tasks = builtin_tasks()
+    model = attach_adapters(base, tasks, verbose=False)
+    assert model.training and not base.model.layers[0].training       # the state load_base_model + attach_adapters leave
+    data = {t.name: tokenize_task(t, tok, "train", 128, 8) for t in tasks}
+    layer = base.model.layers[3]
+    modes, checkpointed = [], []
+    layer.register_forward_pre_hook(lambda m, a: modes.append((m.training, m.self_attn.q_proj.lora_dropout[tasks[0].name].training)))
+    cfg = TrainConfig(output_dir=str(tmp_path/"run"), max_steps=2, batch_size=2, max_length=128, progress=False,
+                      gradient_checkpointing=True, checkpoint_every=10**6)
+    tr = MultiLoRATrainer(model, tok, tasks, cfg, train_data=data)
+    run_checkpointed = layer._gradient_checkpointing_func
+    layer._gradient_checkpointing_func = lambda *a, **k: checkpointed.append(1) or run_checkpointed(*a, **k)
+    tr.train()
+    assert modes == [(True, True), (True, True)], modes
+    assert len(checkpointed) == 2, len(checkpointed)
