@@ -174,5 +174,6 @@ def test_a_loaded_model_trains_in_training_mode(tmp_path):
     run_checkpointed = layer._gradient_checkpointing_func
     layer._gradient_checkpointing_func = lambda *a, **k: checkpointed.append(1) or run_checkpointed(*a, **k)
     tr.train()
-    assert modes == [(True, True), (True, True)], modes
+    # one forward per micro-batch; transformers before 5.2x checkpoints `__call__`, so the hook sees the recomputation too
+    assert len(modes) in (2, 4) and all(m == (True, True) for m in modes), modes
     assert len(checkpointed) == 2, len(checkpointed)
