@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 # %% auto #0
-__all__ = ['IGNORE_INDEX', 'SAMSUM_ID', 'SQL_CONTEXT_ID', 'MODEL_INPUTS', 'tokenize_example', 'load_samsum',
+__all__ = ['IGNORE_INDEX', 'SAMSUM_ID', 'SQL_CONTEXT_ID', 'MODEL_INPUTS', 'next_token_targets', 'tokenize_example', 'load_samsum',
            'load_sql_create_context', 'load_task_data', 'as_dataset_dict', 'task_split', 'tokenize_task',
            'CompletionCollator', 'PackingCollator', 'model_inputs', 'batch_tokens', 'builtin_tasks', 'padding_share']
 
@@ -22,6 +22,11 @@ from .adapters import Task, PromptTemplate, BUILTIN_TASKS, task_preset
 
 # %% ../nbs/02_data.ipynb #9a1d39d6
 IGNORE_INDEX = -100
+
+# %% ../nbs/02_data.ipynb #8916d102
+def next_token_targets(labels: torch.Tensor) -> torch.Tensor:
+    "The target of every position of a batch's rows: `labels` shifted left, as transformers' loss shifts them, an ignored label at the end."
+    return torch.nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]
 
 # %% ../nbs/02_data.ipynb #4e330711
 def _truncation_field(template: PromptTemplate, row: dict) -> str:

@@ -15,7 +15,7 @@ __all__ = ['collate_fused', 'row_adapters', 'task_loss_sums', 'answer_tokens', '
 import torch
 import torch.nn.functional as F
 from peft.tuners.lora import LoraLayer
-from .data import IGNORE_INDEX, model_inputs
+from .data import IGNORE_INDEX, model_inputs, next_token_targets
 from .train import MultiLoRATrainer
 
 # %% ../nbs/04a_fused.ipynb #6dcd4da5
@@ -63,20 +63,16 @@ def row_adapters(model, names: list[str]):
         for h in handles: h.remove()
 
 # %% ../nbs/04a_fused.ipynb #05b6c3f1
-def _targets(labels: torch.Tensor) -> torch.Tensor:
-    "The next-token targets of every position: labels shifted left, an ignored label at the end."
-    return F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]
-
 def task_loss_sums(logits: torch.Tensor, labels: torch.Tensor, spans: dict[str, slice]) -> dict[str, torch.Tensor]:
     "Each task's next-token cross-entropy summed over the answer tokens of its rows."
-    targets = _targets(labels.to(logits.device))
+    targets = next_token_targets(labels.to(logits.device))
     ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none")
     ce = ce.view(targets.shape)
     return {t: ce[s].sum() for t, s in spans.items()}
 
 def answer_tokens(labels: torch.Tensor, spans: dict[str, slice]) -> dict[str, int]:
     "Each task's answer tokens (the targets its loss averages over) in a collated batch."
-    targets = _targets(labels)
+    targets = next_token_targets(labels)
     return {t: int((targets[s] != IGNORE_INDEX).sum()) for t, s in spans.items()}
 
 # %% ../nbs/04a_fused.ipynb #0d107327

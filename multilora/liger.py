@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from fastcore.basics import patch
 from transformers.modeling_outputs import CausalLMOutputWithPast
-from .data import IGNORE_INDEX
+from .data import IGNORE_INDEX, next_token_targets
 
 # %% auto #0
 __all__ = ['LIGER_MODEL_TYPES', 'liger_unsupported', 'liger_kernels', 'reference_kernels', 'LigerKernels']
@@ -93,7 +93,7 @@ def _loss_forward(self: LigerKernels, lm):
     def forward(input_ids=None, labels=None, **kwargs):
         if labels is None or not torch.is_grad_enabled(): return plain(input_ids=input_ids, labels=labels, **kwargs)
         h = lm.model(input_ids=input_ids, **kwargs).last_hidden_state
-        targets = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]     # position t predicts token t + 1
+        targets = next_token_targets(labels)                           # position t predicts token t + 1
         loss = self.kernels["linear_cross_entropy"](h.reshape(-1, h.shape[-1]), lm.lm_head.weight.to(h.dtype),
                                                     targets.reshape(-1))
         return CausalLMOutputWithPast(loss=loss)
