@@ -410,7 +410,10 @@ def bench_train(base_model: str | os.PathLike | None = None, steps: int = 20, ba
         *([("auto, without Liger", {"liger": False})] if torch.cuda.is_available() else []))]
     for label, grouped, packing, bs, kw in runs:
         _reset_peak()
-        r = _trainer_run(model, tok, tasks, data, steps, bs, max_length, warmup, grouped, packing, **kw)
+        try: r = _trainer_run(model, tok, tasks, data, steps, bs, max_length, warmup, grouped, packing, **kw)
+        except torch.OutOfMemoryError as e:     # a setting too big for this GPU is a row that says so, not a lost run
+            res["runs"][label] = {"error": f"out of memory: {str(e).splitlines()[0]}", "batch_size": bs, **kw}
+            continue
         res["runs"][label] = {"useful_tokens_per_s": round(r["useful_tokens_timed"] / r["time_s"], 1),
                               "peak_memory_gb": _peak_gb(), "batch_size": bs,
                               **{k: r["plan"][k] for k in ("frozen_weights", "gradient_checkpointing", "activations_gb", "cuda_graphs",
@@ -426,7 +429,8 @@ def bench_train(base_model: str | os.PathLike | None = None, steps: int = 20, ba
         "batch_size": memory_batch_size, **{k: r["plan"][k] for k in ("frozen_weights", "gradient_checkpointing")}}
     if trl_row is not None: res["runs"][TRL_LABEL] = trl_row
     baseline = res["runs"]["baseline (pad to 512)"]["useful_tokens_per_s"]
-    for v in res["runs"].values(): v["vs_baseline"] = round(v["useful_tokens_per_s"] / baseline, 2)
+    for v in res["runs"].values():
+        if "error" not in v: v["vs_baseline"] = round(v["useful_tokens_per_s"] / baseline, 2)
     return _report(res, format_train_bench, verbose, output)
 
 def format_train_bench(res: dict) -> str:
@@ -436,6 +440,9 @@ def format_train_bench(res: dict) -> str:
     lines = [f"{c['model']} ({c['layers']} layers, hidden {c['hidden_size']}) on {c['device']}; lengths {c['lengths']}",
              head, "-" * len(head)]
     for k, v in res["runs"].items():
+        if "error" in v:
+            lines.append(f"{k:<58} {v['batch_size']:>5}  {v['error'][:60]}")
+            continue
         pk = "-" if v["peak_memory_gb"] is None else f"{v['peak_memory_gb']:.2f}"
         frozen, ckpt = v.get("frozen_weights", "-"), {True: "on", False: "off"}.get(v.get("gradient_checkpointing"), "-")
         lines.append(f"{k:<58} {v['batch_size']:>5} {frozen:>6} {ckpt:>4} {v['useful_tokens_per_s']:>12.1f} "
@@ -720,8 +727,10 @@ def bench_serve(adapters: str | os.PathLike | None = None, engines: tuple[str, .
                                       f"p95 {rows[-1]['p95_latency_s']:.2f}s", flush=True)
                 # how the server ran the model, as its /health reports it to any client: the path after any
                 # fallback, CUDA graphs, pipelining, kernel choices, 16-bit copies (in this process or another)
-                for k, v in _health(url)["runtime"].items():
+                health = _health(url)
+                for k, v in health["runtime"].items():
                     if v is not None: cfg[f"{label} {k}"] = v
+                if health.get("timing"): cfg[f"{label} timing"] = health["timing"]   # where its time went, all levels
             results["engines"][label] = rows
             if hasattr(eng, "stats"):      # the fast engine in this process: where its scheduler's time went
                 stats = eng.stats()

@@ -341,6 +341,10 @@ class Engine:
         "How this engine runs the model (`/health` reports it, so a client's record says which path served it)."
         return {}
 
+    def timing(self) -> dict:
+        "Where the engine's time has gone so far (`/health` reports it, so any client can see it); {} where it keeps no account."
+        return {}
+
     async def in_model_thread(self, fn, *args):
         "Run `fn(*args)` on the model thread, so the event loop stays free."
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)

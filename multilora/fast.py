@@ -64,10 +64,14 @@ class FastEngine(Engine):
                 "frozen_choices": getattr(r.frozen_path, "choices", None),   # a path that picks a kernel per batch size
                 "dense_copy_bytes": getattr(r.frozen_path, "dense_bytes", None)}   # 16-bit copies under a memory budget
 
-    def stats(self) -> dict:
-        "`runtime()`, and what the scheduler did: where the time went, and a step trace."
+    def timing(self) -> dict:
+        "The scheduler's seconds in prefill, decode and between steps, with its prefill and decode counts."
         s = self.scheduler
-        return {**self.runtime(), "timing": {**s.timing, "decode_steps": s.steps}, "trace": list(s.trace)}
+        return {**{k: round(v, 4) for k, v in s.timing.items()}, "decode_steps": s.steps, "decode_rows": s.decode_rows}
+
+    def stats(self) -> dict:
+        "`runtime()`, `timing()` and a step trace."
+        return {**self.runtime(), "timing": self.timing(), "trace": list(self.scheduler.trace)}
 
 # %% ../nbs/07e_fast_engine.ipynb #839b51d4
 @patch

@@ -403,11 +403,11 @@ ops_router = APIRouter(tags=["ops"])
 
 @ops_router.get("/health", responses=_errors())
 async def _health(request: Request):
-    "Whether the server takes requests, what it serves, how busy it is, and how its engine runs the model."
+    "Whether the server takes requests, what it serves, how busy it is, how its engine runs the model and where its time went."
     engine = request.app.state.engine
     return {"status": "draining" if engine.closing else "ok", "engine": engine.kind, "base_model": engine.base_name,
             "adapters": engine.adapters, "queue_depth": engine.queue_depth, "in_flight": engine.in_flight,
-            "runtime": engine.runtime()}
+            "runtime": engine.runtime(), "timing": engine.timing()}
 
 @ops_router.get("/metrics", responses={**_errors(), **_TEXT})
 async def _metrics(request: Request):

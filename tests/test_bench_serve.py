@@ -43,6 +43,10 @@ def test_the_outside_client_counts_what_a_real_server_sent(tmp_path, adapter_roo
         r = res[level]
         assert (r["requests"], r["errors"], r["completion_tokens"]) == (n, 0, 5 * n)   # ignore_eos: 5 tokens each
         assert r["tokens_per_s"] == round(5 * n / r["wall_s"], 1) and r["prompt_tokens_mean"] > 30
+        t = r["server_timing"]                    # where the server says its time went during this level, from /health
+        assert t["prefill_tokens"] == r["prompt_tokens_total"]               # the server prefilled what the client sent
+        assert t["decode_steps"] >= 4 and t["decode_rows"] >= 4 * n          # 5 tokens each: the first from the prefill
+        assert 0 < t["prefill_s"] + t["decode_s"] <= r["wall_s"]
     assert "concurrent: c=3" in run.stdout
     runtime = res["server"]["runtime"]                       # how the server says it ran the model, from /health
     assert runtime["frozen_weights"] == ("bnb_gemm" if torch.cuda.is_available() else "bnb")

@@ -46,7 +46,21 @@ async def level(url: str, models: list[str], concurrency: int, n: int, max_token
             "wall_s": round(wall, 3), "completion_tokens": tokens, "tokens_per_s": round(tokens / wall, 1),
             "p50_s": round(statistics.median(latencies), 3) if latencies else None,
             "p95_s": round(q[18], 3) if latencies else None,
-            "prompt_tokens_mean": round(statistics.mean(prompt_tokens), 1) if prompt_tokens else None}
+            "prompt_tokens_mean": round(statistics.mean(prompt_tokens), 1) if prompt_tokens else None,
+            "prompt_tokens_total": sum(prompt_tokens)}
+
+def health(url: str) -> dict:
+    "The server's /health, or the error that stopped it (a server need not have one)."
+    try: return httpx.get(f"{url}/health", timeout=30).json()
+    except (httpx.HTTPError, ValueError) as e: return {"error": repr(e)}
+
+def measured(url: str, run) -> dict:
+    "`run()`'s level, with where the server says its time went meanwhile (the change in /health's `timing`, if it has one)."
+    before = health(url).get("timing") or {}
+    row = run()
+    after = health(url).get("timing") or {}
+    if before and after: row["server_timing"] = {k: round(after[k] - before.get(k, 0), 4) for k in after}
+    return row
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -62,14 +76,15 @@ def main():
     models = a.models.split(",")
     run = lambda c, n, start: asyncio.run(level(a.url, models, c, n, a.max_tokens, a.prompt_words, start))
     warm = run(a.concurrency, a.concurrency, 10_000)
-    res = {"url": a.url, "models": models, "warm_up": warm, "concurrent": run(a.concurrency, a.requests, 0),
-           "single": run(1, a.single, 20_000)}
-    try: res["server"] = httpx.get(f"{a.url}/health", timeout=30).json()    # multilora says there how it ran the model
-    except (httpx.HTTPError, ValueError) as e: res["server"] = {"error": repr(e)}
+    res = {"url": a.url, "models": models, "warm_up": warm,
+           "concurrent": measured(a.url, lambda: run(a.concurrency, a.requests, 0)),
+           "single": measured(a.url, lambda: run(1, a.single, 20_000))}
+    res["server"] = health(a.url)                    # multilora says there how it ran the model
     for k in ("concurrent", "single"):
         r = res[k]
         print(f"{k:>10}: c={r['concurrency']:<3} {r['tokens_per_s']:8.1f} tok/s  p50 {r['p50_s']}s  p95 {r['p95_s']}s  "
               f"errors {r['errors']}  prompt tokens {r['prompt_tokens_mean']}", flush=True)
+        if "server_timing" in r: print(f"{'':>10}  server: {r['server_timing']}", flush=True)
     if isinstance(res["server"], dict) and res["server"].get("runtime"): print("server runtime:", res["server"]["runtime"])
     if a.json: json.dump(res, open(a.json, "w"), indent=1)
 
