@@ -15,6 +15,7 @@ __all__ = ['FROZEN_PATHS', 'is_nf4', 'standard_nf4_layout', 'nf4_dequantize', 'n
 import importlib
 import torch
 import torch.nn.functional as F
+from fastcore.basics import patch
 
 # %% ../nbs/07a_nf4.ipynb #f89c203c
 def _dequantize_nf4(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int, n: int,
@@ -267,13 +268,36 @@ class HybridPath(FrozenPath):
             w = torch.cat([bnb_dequantize(l) for l in lins])
             self.dense[keys[id(lins)]] = (w, stacked_bias(lins, w.dtype, w.device))
         self.dense_bytes = sum(w.numel() * w.element_size() for w, _ in self.dense.values())
+        self.nf4_rows, self.row_timings = set(), {}     # (copy shape, rows) sent back to NF4; what the timing saw
 
     @property
-    def choices(self) -> dict | None: return getattr(self.inner, "choices", None)   # what the NF4 path picked
+    def choices(self) -> dict | None:
+        "What the NF4 path picked, and per copied shape and row count, whether the copy or NF4 runs it."
+        routed = {f"{k} (16-bit copy)": min(t, key=t.get) for k, t in self.row_timings.items()}
+        return {**(getattr(self.inner, "choices", None) or {}), **routed} or None
 
     def apply(self, lin, x): return self.inner.apply(lin, x)
 
     def apply_group(self, key, lins, x):
         dense = self.dense.get(key)
-        if dense is None: return self.inner.apply_group(key, lins, x)
+        if dense is None or (tuple(dense[0].shape), x.numel() // x.shape[-1]) in self.nf4_rows:
+            return self.inner.apply_group(key, lins, x)
         return F.linear(x.to(dense[0].dtype), *dense).to(x.dtype)
+
+# %% ../nbs/07a_nf4.ipynb #5c68b7cf
+@patch
+def route_small_rows(self: HybridPath, timer, rows: list[int]):
+    "Time each copied group shape at `rows` rows, 16-bit copy against the NF4 path (`timer`: calls -> seconds per call); route the faster."
+    lins = {(i, g): ls for i, groups in enumerate(self.groups) for g, ls in groups.items()}
+    by_shape = {}
+    for key, (w, _) in self.dense.items(): by_shape.setdefault(tuple(w.shape), []).append(key)
+    for shape, keys in by_shape.items():
+        for n in rows:
+            x = torch.randn(n, shape[1], device=self.device, dtype=self.dense[keys[0]][0].dtype)
+            try: times = {"16-bit": timer([lambda k=k: F.linear(x, *self.dense[k]) for k in keys]),
+                          "nf4": timer([lambda k=k: self.inner.apply_group(k, lins[k], x) for k in keys])}
+            except Exception as e:                          # a timing that fails leaves the copy in use
+                warnings.warn(f"could not time {shape[0]}x{shape[1]} at {n} rows: {type(e).__name__}: {e}")
+                continue
+            self.row_timings[f"{shape[0]}x{shape[1]} rows {n}"] = {k: round(t * 1e6, 2) for k, t in times.items()}
+            if times["nf4"] < times["16-bit"]: self.nf4_rows.add((shape, n))

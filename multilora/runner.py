@@ -162,6 +162,9 @@ class FastLoRA:
         if gpu_memory_budget:          # GB for 16-bit copies of the heaviest projection groups; the rest stay in NF4
             self.frozen_path = HybridPath(self.frozen_path, gpu_memory_budget * 1e9)
             self.frozen_path.start()
+            if self.device.type == "cuda":   # one- to four-row steps may run faster from NF4 than from a copy: timed
+                from .kernels import _graph_time
+                self.frozen_path.route_small_rows(_graph_time, [b for b in self.batch_buckets if b <= 4])
         self.refresh_adapters()
 
     @property

@@ -155,6 +155,25 @@ def test_prefill_graphs_match_eager_prefills_and_fail_alone():
     assert torch.isfinite(again).all()
     assert torch.equal(fast.decode({0: 5}, {0: len(ids[0])}, {0: -1}), step)
 
+@cuda
+def test_a_memory_budget_routes_small_steps_by_timing():
+    "Under a memory budget, each copied shape's 1-, 2- and 4-row steps run from the copy or from NF4, whichever was timed faster."
+    base, tok = load_base_model(quantization="nf4")
+    fast = FastLoRA(base, max_batch_size=8, max_len=128, gpu_memory_budget=1.0)     # the small model fits whole
+    path = fast.frozen_path
+    shapes = {tuple(w.shape) for w, _ in path.dense.values()}
+    timed = {(s, n): path.row_timings[f"{s[0]}x{s[1]} rows {n}"] for s in shapes for n in (1, 2, 4)}
+    assert len(path.row_timings) == len(timed) and all(min(t.values()) > 0 for t in timed.values())
+    assert path.nf4_rows == {k for k, t in timed.items() if t["nf4"] < t["16-bit"]}
+    print({f"{s[0]}x{s[1]} rows {n}": t for (s, n), t in timed.items()})
+    ids = tok(PROMPTS[0])["input_ids"]
+    logits = {}
+    for name, f in (("routed", fast), ("nf4", FastLoRA(base, max_batch_size=8, max_len=128))):
+        f.prefill([ids[:-1]], [0], [-1])
+        logits[name] = f.decode({0: ids[-1]}, {0: len(ids) - 1}, {0: -1})[:1].float()
+    rel = ((logits["routed"] - logits["nf4"]).norm() / logits["nf4"].norm()).item()
+    assert rel < 5e-2, f"the routed one-row step moved the logits by {rel:.3g}"     # bf16 paths of the same weights
+
 def test_gpu_memory_budget_on_the_cpu():
     "The engine's `gpu_memory_budget` takes 16-bit copies of the heaviest groups on any device, and serves the same logits."
     base, tok = load_base_model(quantization="nf4", device_map="cpu")
